@@ -1,0 +1,19 @@
+# `make test`: the one test command (README and .ci/run both call it).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv test lint
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	bash tests/setup_system.sh
+	$(PY) -m ruff check agent engines tests
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check agent engines tests

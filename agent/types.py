@@ -1,0 +1,45 @@
+"""Small typed records passed between the pipeline stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Detection:
+    """One face found in one frame, in that frame's pixel coordinates.
+
+    landmarks: (5, 2) float32, ArcFace order: the person's right eye (image-left), left eye,
+    nose tip, right mouth corner, left mouth corner. None when the detector gives none.
+    """
+
+    bbox: np.ndarray  # (4,) float32: x1, y1, x2, y2
+    score: float
+    landmarks: np.ndarray | None = None
+
+    @property
+    def size(self) -> float:
+        """Face size in pixels: the shorter side of the box."""
+        return float(min(self.bbox[2] - self.bbox[0], self.bbox[3] - self.bbox[1]))
+
+
+@dataclass
+class Frame:
+    """A decoded frame with its timing, as a source hands it on."""
+
+    camera: str
+    index: int  # frame number within the source, from 0
+    pts: float  # presentation time in seconds
+    image: np.ndarray  # HxWx3 uint8 BGR
+    wall_time: float = 0.0  # time.time() when decoded
+
+
+@dataclass
+class Scored:
+    """What the scorer says of one aligned crop."""
+
+    quality: float  # PreFIQs Q = 1 - D/2, in [0, 1], higher is better
+    drift: float  # D = ||e_dense - e_twin||_2 of the L2-normalised embeddings
+    embedding: np.ndarray = field(repr=False)  # dense embedding, L2-normalised float32

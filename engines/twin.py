@@ -1,0 +1,77 @@
+"""The shared-trunk graph: one ONNX model with two outputs, the dense and the pruned twin embedding.
+
+Every node that depends, directly or through later paths (residual adds included), on a pruned
+weight is duplicated with the pruned weights; every node before the first pruned one is shared, so a
+deep recipe costs a fraction of a second dense pass instead of a whole one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+from onnx import helper
+
+log = logging.getLogger(__name__)
+
+TWIN = "twin/"
+
+
+def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str = "embedding_twin") -> onnx.ModelProto:
+    """Merge a dense model and its pruned twin (same graph, some initializers changed) into one graph."""
+    if len(dense.graph.output) != 1:
+        raise ValueError("the shared trunk needs a model with exactly one output (the embedding)")
+    dense_inits = {t.name: t for t in dense.graph.initializer}
+    changed = {
+        t.name: t for t in twin.graph.initializer if t.name not in dense_inits or t != dense_inits[t.name]
+    }
+    if not changed:
+        raise ValueError("the twin has no weight that differs from the dense model")
+
+    tainted: set[str] = set(changed)  # tensor names whose value differs in the twin
+    new_nodes: list[onnx.NodeProto] = []
+    dup = 0
+    for node in dense.graph.node:
+        new_nodes.append(node)
+        if not any(i in tainted for i in node.input):
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = TWIN + node.name
+        del copy.input[:]
+        copy.input.extend(TWIN + i if i in tainted else i for i in node.input)
+        del copy.output[:]
+        copy.output.extend(TWIN + o if o else o for o in node.output)
+        tainted.update(o for o in node.output if o)
+        new_nodes.append(copy)
+        dup += 1
+
+    out_name = dense.graph.output[0].name
+    if out_name not in tainted:
+        raise ValueError("the pruned weights do not reach the output")
+    merged = onnx.ModelProto()
+    merged.CopyFrom(dense)
+    g = merged.graph
+    del g.node[:]
+    g.node.extend(new_nodes)
+    for name, t in changed.items():
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        c.name = TWIN + name
+        g.initializer.append(c)
+    # Rename the twin's output tensor through an Identity so both outputs keep readable names.
+    g.node.append(helper.make_node("Identity", [TWIN + out_name], [twin_output], name="twin_output"))
+    vi = onnx.ValueInfoProto()
+    vi.CopyFrom(dense.graph.output[0])
+    vi.name = twin_output
+    g.output.append(vi)
+    del g.value_info[:]
+    onnx.checker.check_model(merged)
+    log.info("shared trunk: %d of %d nodes duplicated for the twin", dup, len(dense.graph.node))
+    return merged
+
+
+def twin_node_fraction(pair: onnx.ModelProto) -> float:
+    """Fraction of the dense graph's nodes that the twin branch repeats."""
+    twin = sum(1 for n in pair.graph.node if n.name.startswith(TWIN))
+    return twin / max(1, len(pair.graph.node) - twin - 1)
