@@ -19,22 +19,29 @@ def similarity(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
     return m
 
 
-def box_transform(bbox: np.ndarray, size: int, margin: float) -> np.ndarray:
-    """2x3 transform mapping a square around the box (with margin) onto a size x size crop."""
+def box_transform(bbox: np.ndarray, size: int, margin: float, landmarks: np.ndarray | None = None) -> np.ndarray:
+    """2x3 transform mapping a square around the box (with margin) onto a size x size crop, turned
+    upright by the eye line when landmarks are given."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
     side = max(x2 - x1, y2 - y1) * (1.0 + margin)
-    s = size / max(side, 1.0)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
+    angle = 0.0
+    if landmarks is not None:
+        (ax, ay), (bx, by) = landmarks[0], landmarks[1]
+        angle = float(np.degrees(np.arctan2(by - ay, bx - ax)))
+    m = cv2.getRotationMatrix2D((cx, cy), angle, size / max(side, 1.0))
+    m[:, 2] += (size / 2 - cx, size / 2 - cy)
+    return m
 
 
 def align(image: np.ndarray, det: Detection, spec: FRSpec) -> np.ndarray:
-    """The aligned crop (BGR uint8, input_size square). Uses landmarks when present, else the box."""
+    """The aligned crop (BGR uint8, input_size square): template alignment when the spec asks for it and
+    landmarks exist, else the (upright) box crop."""
     size = spec.input_size
-    if det.landmarks is not None:
+    if spec.crop == "template" and det.landmarks is not None:
         m = similarity(det.landmarks, spec.template_px())
     else:
-        m = box_transform(det.bbox, size, spec.margin)
+        m = box_transform(det.bbox, size, spec.margin, det.landmarks)
     return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 

@@ -43,3 +43,36 @@ class Scored:
     quality: float  # PreFIQs Q = 1 - D/2, in [0, 1], higher is better
     drift: float  # D = ||e_dense - e_twin||_2 of the L2-normalised embeddings
     embedding: np.ndarray = field(repr=False)  # dense embedding, L2-normalised float32
+
+
+@dataclass
+class TrackedFace:
+    """A detection with the identity of the track it belongs to (from our tracker or from upstream)."""
+
+    track_id: int
+    det: Detection
+
+
+@dataclass
+class BestShot:
+    """What the selector hands the publisher when a track ends (or on an update)."""
+
+    camera: str
+    track_id: int
+    status: str  # "best" | "unrecognisable" (best quality below the minimum) | "update" (track still open)
+    first_seen: float  # pts seconds
+    best_time: float
+    last_seen: float
+    frame_index: int
+    bbox: np.ndarray
+    landmarks: np.ndarray | None
+    det_score: float
+    quality: float
+    drift: float
+    frames_seen: int
+    frames_scored: int
+    model_id: str
+    crop: np.ndarray = field(repr=False)  # aligned face, BGR uint8
+    context: np.ndarray = field(repr=False)  # box with margin, BGR uint8
+    embedding: np.ndarray = field(repr=False)  # dense, L2-normalised float32
+    extra: dict = field(default_factory=dict)  # optional fields (top-K, ERS, template, ...)
