@@ -68,6 +68,52 @@ def cmd_bench_score(args) -> int:
     return 0
 
 
+def load_run_config(args):
+    """The configuration for `run`: the file, or the embedded default, with the flags applied."""
+    from agent.config import ConfigError, default_config, load_config, parse_config
+
+    if args.config:
+        cfg = load_config(args.config)
+        if args.source:
+            if len(cfg.cameras) != 1:
+                raise ConfigError(args.config, ["--source needs a configuration with exactly one camera"])
+            cfg.cameras[0].url, cfg.cameras[0].upstream = args.source, None
+    else:
+        source = args.source
+        if source is None:
+            from agent.demo import demo_clip_path
+
+            source = str(demo_clip_path())
+            log.info("no configuration: running the embedded demo clip %s", source)
+        cfg = parse_config(default_config(source), "defaults")
+    if args.publish:
+        cfg.publisher.endpoint = args.publish
+        cfg = parse_config(cfg.model_dump(mode="json"), "flags")
+    return cfg
+
+
+def cmd_run(args) -> int:
+    from agent.config import ConfigError
+    from agent.service import run_agent
+
+    try:
+        cfg = load_run_config(args)
+    except ConfigError as e:
+        for err in e.errors:
+            log.error("%s: %s", e.source, err)
+        return 2
+    run_agent(cfg, args.trace)
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    from agent.subscribe import subscribe
+
+    n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode)
+    log.info("%d messages received", n)
+    return 0 if n or args.count is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bestshot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -80,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="store_true", help="include the dense embedding (with --json)")
     _common(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("run", help="run the agent (no arguments: the embedded demo clip)")
+    p.add_argument("--config", type=Path, help="YAML configuration (see configs/)")
+    p.add_argument("--source", help="video file or rtsp:// / http:// URL (overrides the configured camera)")
+    p.add_argument("--publish", help="ZeroMQ endpoint to publish on, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--trace", type=Path, help="write every scored candidate and shot to this JSONL file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("subscribe", help="receive best shots: one JSON line each, crops saved with --out")
+    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
+    p.add_argument("--out", type=Path, help="write crops, metadata and embeddings under this folder")
+    p.add_argument("--count", type=int, help="stop after this many messages")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    p.add_argument("--mode", choices=["sub", "pull"], default="sub", help="pull for a publisher in push mode")
+    p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("models", help="show the prepared models (prepares them if needed)")
     p.add_argument("--json", action="store_true")

@@ -89,7 +89,7 @@ def score_paths(
 
 def models_report(prepared, detector_path: Path | None) -> dict:
     """What `bestshot models` shows: each model file, its sha256, input spec, recipe and sparsity."""
-    from engines.prepare import sha256_file
+    from agent.cache import sha256_file
 
     spec, man = prepared.spec, prepared.manifest
     sparsity = man.get("sparsity", {})

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # System packages the tests need (a real RTSP server, systemd-analyze). Idempotent; skips what is present.
+# tests/rtsp_server.py runs on the system python3: GstRtspServer (gir1.2-gst-rtsp-server-1.0, python3-gi) with
+# filesrc + qtdemux + rtph264pay (plugins-good) + h264parse (plugins-bad); it re-payloads H.264, so no codecs.
 set -euo pipefail
 need=()
-command -v gst-launch-1.0 >/dev/null || need+=(gstreamer1.0-tools)
-/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
-  need+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-good \
-         gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav)
+command -v gst-inspect-1.0 >/dev/null || need+=(gstreamer1.0-tools)
+/usr/bin/python3 - 2>/dev/null <<'EOF' || need+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import Gst, GstRtspServer
+Gst.init(None)
+assert all(Gst.ElementFactory.find(e) for e in ("filesrc", "qtdemux", "h264parse", "rtph264pay"))
+EOF
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -1,0 +1,91 @@
+"""The agent as a process: configuration -> models -> pipeline -> publisher, with signals.
+
+SIGTERM/SIGINT stop the sources, flush every open track's best shot, close the sockets with a bounded
+linger and return 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config
+from agent.factory import build_scorer
+from agent.pipeline import Pipeline
+from agent.publish import Publisher
+from agent.types import BestShot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    frames: int
+    detections: int
+    scored: int
+    published: int
+    dropped: int
+    seconds: float
+    end_latency_ms_median: float | None
+
+
+class Agent:
+    """One running agent: owns the scorer, the pipeline and the publisher."""
+
+    def __init__(self, cfg: Config, trace: Path | None = None):
+        self.cfg = cfg
+        m = cfg.models
+        self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
+                                                  m.cache_dir)
+        self.publisher = Publisher(cfg.publisher_config())
+        log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
+        self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
+                                 trace=trace)
+
+    def _publish(self, shot: BestShot) -> bool:
+        ok = self.publisher.publish(shot)
+        log.info("camera %s track %d: %s shot, frame %d, quality %.3f (%d frames seen, %d scored)%s", shot.camera,
+                 shot.track_id, shot.status, shot.frame_index, shot.quality, shot.frames_seen, shot.frames_scored,
+                 "" if ok else " [dropped]")
+        return ok
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+    def run(self) -> RunSummary:
+        t0 = time.monotonic()
+        try:
+            self.pipeline.run()
+        finally:
+            self.publisher.close()
+        workers = [*self.pipeline.finished.values(), *self.pipeline.workers.values()]
+        lat = self.pipeline.end_latency_s
+        return RunSummary(
+            frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
+            scored=self.pipeline.scored, published=self.publisher.published, dropped=self.publisher.dropped,
+            seconds=time.monotonic() - t0,
+            end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
+        )
+
+
+def run_agent(cfg: Config, trace: Path | None = None) -> RunSummary:
+    """Run until the sources end (files) or a SIGTERM/SIGINT arrives."""
+    agent = Agent(cfg, trace)
+
+    def on_signal(signum, _frame) -> None:
+        log.info("%s: stopping the sources and flushing open tracks", signal.Signals(signum).name)
+        agent.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+    summary = agent.run()
+    log.info("done: %d frames, %d faces detected, %d scored, %d shots published (%d dropped) in %.1f s",
+             summary.frames, summary.detections, summary.scored, summary.published, summary.dropped,
+             summary.seconds)
+    return summary
