@@ -182,8 +182,11 @@ class _SelTrack:
 class Selector:
     """Best shot per track by quality; emits `BestShot`s. Runs on one thread."""
 
-    def __init__(self, config: SelectionConfig, model_id: str, trace: Callable[[dict], None] | None = None):
-        self.config, self.model_id, self.trace = config, model_id, trace
+    def __init__(self, config: SelectionConfig, model_id: str, trace: Callable[[dict], None] | None = None,
+                 enrich: Callable[[Candidate, list[Candidate]], dict] | None = None):
+        """enrich(best, kept): extra message fields for a shot (ERS, template, diverse shots), from the track's
+        best candidate and the candidates it kept (top-K by quality)."""
+        self.config, self.model_id, self.trace, self.enrich = config, model_id, trace, enrich
         self.tracks: dict[tuple[str, int], _SelTrack] = {}
         self.unscored_ends = 0  # tracks that ended with no scored candidate (nothing to publish)
 
@@ -230,6 +233,8 @@ class Selector:
         if self.config.top_k > 1:
             extra["top_k"] = [{"frame_index": c.frame_index, "pts": round(c.pts, 4), "quality": c.scored.quality}
                               for c in st.top]
+        if self.enrich is not None:
+            extra.update(self.enrich(b, st.top or [b]))
         shot = BestShot(
             camera=b.camera, track_id=b.track_id, status=status, first_seen=end.first_seen, best_time=b.pts,
             last_seen=end.last_seen, frame_index=b.frame_index, bbox=b.det.bbox, landmarks=b.det.landmarks,
