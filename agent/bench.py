@@ -99,3 +99,82 @@ def bench_score(recipe: str, batches: list[int], faces: int, threads: int | None
         sep, trunk = by["dense+twin"] / by["dense"] - 1, by["trunk"] / by["dense"] - 1
         out.write(f"batch {batch}: cost over dense: separate twin +{sep:.0%}, shared trunk +{trunk:.0%}\n")
     return rows
+
+
+def _pipeline_run(source: str, budget: float | None, detect_input: int, threads: int | None,
+                  trace: Path) -> tuple[dict, dict[int, tuple[int, float]]]:
+    """One in-process run of the agent on `source`; (figures, {track: (published frame, quality)})."""
+    import json
+
+    import av
+
+    from agent.config import parse_config
+    from agent.service import Agent
+
+    with av.open(source) as c:
+        stream = c.streams.video[0]
+        fps = float(stream.average_rate or 25)
+    cfg = parse_config({
+        "cameras": [{"id": "bench", "url": source, "detector": {"input_size": detect_input}}],
+        "scoring": {"budget": budget, "threads": threads},
+        "publisher": {"endpoint": "tcp://127.0.0.1:*"},
+        "metrics": {"listen": None},
+    })
+    agent = Agent(cfg, trace)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    summary = agent.run()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    times = agent.pipeline.times
+    shots = {}
+    for line in trace.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "published":
+            shots[rec["track_id"]] = (rec["frame_index"], rec["quality"])
+    return {
+        "frames": summary.frames, "seconds": summary.seconds, "fps": summary.frames / summary.seconds,
+        "realtime_ratio": summary.frames / fps / summary.seconds, "source_fps": fps,
+        "stage_ms_per_frame": {k: times.ms[k] / max(1, summary.frames) for k in
+                               ("decode", "detect", "track", "align", "score", "publish") if k in times.ms},
+        "score_ms_per_face": times.ms["score"] / max(1, times.n["score"]),
+        "faces_detected": summary.detections, "faces_scored": summary.scored,
+        "faces_scored_per_s": summary.scored / summary.seconds, "shots": summary.published,
+        "cpu_percent": 100.0 * cpu / summary.seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "end_to_message_ms_median": summary.end_latency_ms_median,
+    }, shots
+
+
+def bench_pipeline(source: str | None, budget: float | None, detect_input: int, threads: int | None,
+                   compare_unlimited: bool, out: TextIO) -> dict:
+    import tempfile
+
+    if source is None:
+        from agent.demo import demo_clip_path
+
+        source = str(demo_clip_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        res, shots = _pipeline_run(source, budget, detect_input, threads, Path(tmp) / "trace.jsonl")
+        out.write(f"# bestshot bench pipeline: {source}\n# {platform.processor() or platform.machine()}, "
+                  f"{mp.cpu_count()} cores, threads {threads or 'all'}, scoring budget "
+                  f"{budget if budget else 'unlimited'} faces/s, detector input {detect_input}\n")
+        out.write(f"frames {res['frames']} in {res['seconds']:.1f} s: {res['fps']:.1f} frames/s = "
+                  f"{res['realtime_ratio']:.2f}x real time ({res['source_fps']:.2f} fps source)\n")
+        out.write("per-stage ms per frame: " + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_ms_per_frame"].items())
+                  + f"; score {res['score_ms_per_face']:.1f} ms per face\n")
+        out.write(f"faces detected {res['faces_detected']}, scored {res['faces_scored']} "
+                  f"({res['faces_scored_per_s']:.1f}/s), shots {res['shots']}; CPU {res['cpu_percent']:.0f} %, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB; track end -> message median "
+                  f"{res['end_to_message_ms_median'] or float('nan'):.1f} ms\n")
+        if compare_unlimited and budget:
+            ref, ref_shots = _pipeline_run(source, None, detect_input, threads, Path(tmp) / "ref.jsonl")
+            common = sorted(set(shots) & set(ref_shots))
+            changed = [t for t in common if shots[t][0] != ref_shots[t][0]]
+            loss = [ref_shots[t][1] - shots[t][1] for t in common]
+            res["unlimited"] = {"fps": ref["fps"], "realtime_ratio": ref["realtime_ratio"],
+                                "tracks_compared": len(common), "shots_changed": len(changed),
+                                "mean_quality_gain_unlimited": float(np.mean(loss)) if loss else 0.0}
+            out.write(f"unlimited scoring: {ref['realtime_ratio']:.2f}x real time, {ref['faces_scored']} faces "
+                      f"scored; the published shot changes for {len(changed)} of {len(common)} tracks "
+                      f"(mean quality gain {res['unlimited']['mean_quality_gain_unlimited']:+.4f})\n")
+    return res

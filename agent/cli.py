@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
         for err in e.errors:
             log.error("%s: %s", e.source, err)
         return 2
-    run_agent(cfg, args.trace)
+    run_agent(cfg, args.trace, args.config)
     return 0
 
 
@@ -112,6 +112,13 @@ def cmd_subscribe(args) -> int:
     n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode)
     log.info("%d messages received", n)
     return 0 if n or args.count is None else 1
+
+
+def cmd_bench_pipeline(args) -> int:
+    from agent.bench import bench_pipeline
+
+    bench_pipeline(args.source, args.budget, args.detect_input, args.threads, args.compare_unlimited, sys.stdout)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", type=int, default=64, help="faces per measurement")
     _common(p)
     p.set_defaults(func=cmd_bench_score)
+    p = bench.add_parser("pipeline", help="frames/s, per-stage ms, CPU and memory of the whole pipeline on a file")
+    p.add_argument("--source", help="video file (default: the embedded demo clip)")
+    p.add_argument("--budget", type=float, default=None, help="scoring budget, faces/s (default unlimited)")
+    p.add_argument("--detect-input", type=int, default=640, help="longest side the detector sees")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare-unlimited", action="store_true",
+                   help="rerun with unlimited scoring and count the tracks whose published shot changes")
+    p.set_defaults(func=cmd_bench_pipeline)
     return parser
 
 

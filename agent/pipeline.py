@@ -9,6 +9,7 @@ track is flushed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -67,6 +68,7 @@ class StageTimes:
 @dataclass
 class _Eos:
     camera: str
+    worker: CameraWorker
 
 
 class _Ends:
@@ -92,9 +94,11 @@ class _Ends:
 class CameraWorker(threading.Thread):
     """Decodes one camera (or one upstream input, which may carry several cameras) and gates its faces."""
 
-    def __init__(self, cam: CameraConfig, fr: FRSpec, out: queue.Queue, budget: TokenBucket, times: StageTimes):
+    def __init__(self, cam: CameraConfig, fr: FRSpec, out: queue.Queue, budget: TokenBucket, times: StageTimes,
+                 track_ids: Iterator[int] | None = None):
         super().__init__(name=f"camera-{cam.id}", daemon=True)
         self.cam, self.fr, self.out, self.budget, self.times = cam, fr, out, budget, times
+        self.track_ids = track_ids
         self.stopping = threading.Event()
         self.gates: dict[str, Gate] = {}
         self.frames = 0
@@ -152,7 +156,7 @@ class CameraWorker(threading.Thread):
         finally:
             for camera, tr in trackers.items():
                 self._end(camera, tr.finish())
-            self.out.put(_Eos(self.cam.id))
+            self.out.put(_Eos(self.cam.id, self))
 
     def _frame(self, frame: Frame, upstream_tracks: list[TrackedFace] | None, trackers: dict) -> None:
         self.frames += 1
@@ -164,7 +168,8 @@ class CameraWorker(threading.Thread):
             self.times.add("detect", time.perf_counter() - t)
             self.detections += len(dets)
             t = time.perf_counter()
-            tracker = trackers.setdefault(frame.camera, Tracker(self.cam.tracker))
+            tracker = trackers.get(frame.camera) or trackers.setdefault(
+                frame.camera, Tracker(self.cam.tracker, self.track_ids))
             update = tracker.update(dets, frame.pts)
             faces, ended = update.active, update.ended
             self.times.add("track", time.perf_counter() - t)
@@ -190,18 +195,23 @@ class Pipeline:
     """Runs the cameras' workers and the scoring loop; `publish(shot)` receives every shot."""
 
     def __init__(self, cameras: list[CameraConfig], fr: FRSpec, scorer: Scorer, publish: Callable[[BestShot], bool],
-                 score_budget: float | None = None, queue_size: int = 64, trace: Path | None = None):
-        self.fr, self.scorer, self.publish = fr, scorer, publish
+                 score_budget: float | None = None, queue_size: int = 64, trace: Path | None = None,
+                 enrich: Callable | None = None):
+        self.fr, self.scorer, self.publish, self.enrich = fr, scorer, publish, enrich
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.budget = TokenBucket(score_budget, burst=max(4.0, (score_budget or 0) / 2))
         self.times = StageTimes()
         self._trace_file: IO[str] | None = open(trace, "w") if trace else None  # noqa: SIM115
         self.selectors: dict[str, Selector] = {}
         self.workers: dict[str, CameraWorker] = {}
-        self.finished: dict[str, CameraWorker] = {}  # workers whose stream ended (for their counters)
+        self.finished: list[CameraWorker] = []  # workers whose stream ended (for their counters)
+        self.retiring: list[CameraWorker] = []  # replaced workers still flushing (configuration reload)
+        self.track_ids: dict[str, Iterator[int]] = {}  # per camera, shared by its successive trackers
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.published = 0
         self.scored = 0
+        self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.metrics.Liveness)
         self.end_latency_s: list[float] = []
         for cam in cameras:
             self.add_camera(cam)
@@ -211,26 +221,44 @@ class Pipeline:
             self._trace_file.write(json.dumps(rec) + "\n")
 
     def add_camera(self, cam: CameraConfig) -> None:
-        if cam.id in self.workers:
-            raise ValueError(f"camera {cam.id} already runs")
-        self.selectors[cam.id] = Selector(cam.selection, self.scorer.model_id, self._trace)
-        self.workers[cam.id] = CameraWorker(cam, self.fr, self.queue, self.budget, self.times)
+        """Add (or replace) a camera; call start_workers() to start it once the pipeline runs."""
+        worker = CameraWorker(cam, self.fr, self.queue, self.budget, self.times,
+                              self.track_ids.setdefault(cam.id, itertools.count(1)))
+        with self.lock:
+            old = self.workers.get(cam.id)
+            if old is not None:
+                old.stop()
+                self.retiring.append(old)
+            sel = self.selectors.get(cam.id)
+            if sel is None:
+                self.selectors[cam.id] = Selector(cam.selection, self.scorer.model_id, self._trace, self.enrich)
+            else:
+                sel.config = cam.selection  # open tracks keep their state; new settings apply from now
+            self.workers[cam.id] = worker
 
     def remove_camera(self, camera_id: str) -> None:
         """Stop one camera; its open tracks are flushed through the scoring loop like any other end."""
-        worker = self.workers.get(camera_id)
+        with self.lock:
+            worker = self.workers.get(camera_id)
         if worker is not None:
             worker.stop()
 
     def start_workers(self) -> None:
-        for w in list(self.workers.values()):
-            if not w.is_alive() and w.ident is None:
-                w.start()
+        with self.lock:
+            for w in self.workers.values():
+                if w.ident is None:
+                    w.start()
+
+    def _alive(self) -> bool:
+        with self.lock:
+            return any(w.is_alive() for w in [*self.workers.values(), *self.retiring])
 
     def stop(self) -> None:
         """Stop the sources; run() then flushes every open track and returns."""
         self.stopping.set()
-        for w in list(self.workers.values()):
+        with self.lock:
+            workers = [*self.workers.values(), *self.retiring]
+        for w in workers:
             w.stop()
 
     def run(self) -> None:
@@ -238,10 +266,11 @@ class Pipeline:
         self.start_workers()
         try:
             while True:
+                self.heartbeat = time.monotonic()
                 items = self._drain()
                 if items:
                     self._process(items)
-                elif not any(w.is_alive() for w in self.workers.values()) and self.queue.empty():
+                elif not self._alive() and self.queue.empty():
                     break
         finally:
             if self._trace_file is not None:
@@ -267,7 +296,7 @@ class Pipeline:
         sel = self.selectors.get(camera)
         if sel is None:
             any_sel = next(iter(self.selectors.values()))
-            sel = self.selectors[camera] = Selector(any_sel.config, self.scorer.model_id, self._trace)
+            sel = self.selectors[camera] = Selector(any_sel.config, self.scorer.model_id, self._trace, self.enrich)
         return sel
 
     def _process(self, items: list) -> None:
@@ -286,11 +315,15 @@ class Pipeline:
                 end, end_wall = item
                 shot = self._selector(end.camera).end(end)
             elif isinstance(item, _Eos):
-                worker = self.workers.pop(item.camera, None)
-                if worker is not None:
-                    self.finished[item.camera] = worker
-                    log.info("camera %s: ended after %d frames, %d faces detected%s", item.camera, worker.frames,
-                             worker.detections, f" ({worker.error})" if worker.error else "")
+                worker = item.worker
+                with self.lock:
+                    if self.workers.get(item.camera) is worker:
+                        del self.workers[item.camera]
+                    elif worker in self.retiring:
+                        self.retiring.remove(worker)
+                self.finished.append(worker)
+                log.info("camera %s: ended after %d frames, %d faces detected%s", item.camera, worker.frames,
+                         worker.detections, f" ({worker.error})" if worker.error else "")
             if shot is not None:
                 t = time.perf_counter()
                 if self.publish(shot):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import Config
+from agent.config import Config, ConfigError, load_config, to_camera
 from agent.factory import build_scorer
 from agent.pipeline import Pipeline
 from agent.publish import Publisher
@@ -57,13 +57,46 @@ class Agent:
     def stop(self) -> None:
         self.pipeline.stop()
 
+    def reload(self, path: Path) -> bool:
+        """Apply a new configuration file's cameras: added ones start, removed ones stop (their open tracks
+        flushed), changed ones restart; the others are not disturbed. An invalid file changes nothing."""
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            for err in e.errors:
+                log.error("reload rejected: %s: %s", e.source, err)
+            log.error("reload rejected: keeping the running configuration")
+            return False
+        old = {c.id: c for c in self.cfg.cameras}
+        cams = {c.id: c for c in new.cameras}
+        removed = sorted(old.keys() - cams.keys())
+        changed = sorted(i for i in old.keys() & cams.keys() if old[i] != cams[i])
+        added = sorted(cams.keys() - old.keys())
+        try:
+            for cid in removed:
+                self.pipeline.remove_camera(cid)
+            for cid in changed + added:
+                self.pipeline.add_camera(to_camera(cams[cid]))
+        except (ValueError, FileNotFoundError) as e:
+            log.error("reload: %s", e)
+            return False
+        self.pipeline.start_workers()
+        ignored = [k for k in ("models", "backend", "scoring", "publisher", "metrics")
+                   if getattr(new, k) != getattr(self.cfg, k)]
+        if ignored:
+            log.warning("reload: changes to %s take effect at the next restart", ", ".join(ignored))
+        self.cfg = self.cfg.model_copy(update={"cameras": new.cameras, "defaults": new.defaults})
+        log.info("reloaded %s: %d cameras added, %d removed, %d restarted, %d untouched", path, len(added),
+                 len(removed), len(changed), len(cams) - len(added) - len(changed))
+        return True
+
     def run(self) -> RunSummary:
         t0 = time.monotonic()
         try:
             self.pipeline.run()
         finally:
             self.publisher.close()
-        workers = [*self.pipeline.finished.values(), *self.pipeline.workers.values()]
+        workers = [*self.pipeline.finished, *self.pipeline.workers.values()]
         lat = self.pipeline.end_latency_s
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
@@ -73,17 +106,25 @@ class Agent:
         )
 
 
-def run_agent(cfg: Config, trace: Path | None = None) -> RunSummary:
-    """Run until the sources end (files) or a SIGTERM/SIGINT arrives."""
+def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None = None) -> RunSummary:
+    """Run until the sources end (files) or a SIGTERM/SIGINT arrives; SIGHUP reloads `config_path`."""
     agent = Agent(cfg, trace)
 
     def on_signal(signum, _frame) -> None:
         log.info("%s: stopping the sources and flushing open tracks", signal.Signals(signum).name)
         agent.stop()
 
+    def on_hup(_signum, _frame) -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no configuration file to reload (started without --config)")
+            return
+        log.info("SIGHUP: reloading %s", config_path)
+        threading.Thread(target=agent.reload, args=(config_path,), name="reload", daemon=True).start()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
     summary = agent.run()
     log.info("done: %d frames, %d faces detected, %d scored, %d shots published (%d dropped) in %.1f s",
              summary.frames, summary.detections, summary.scored, summary.published, summary.dropped,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,10 +86,12 @@ def _assign(tracks: list[_Track], dets: list[Detection], t: float, tau: float, m
 class Tracker:
     """Give detections of successive updates track ids; see the module docstring for the steps."""
 
-    def __init__(self, config: TrackerConfig | None = None):
+    def __init__(self, config: TrackerConfig | None = None, ids: Iterator[int] | None = None):
+        """ids: where track ids come from (default 1, 2, ...); a shared counter keeps ids unique when a camera's
+        tracker is replaced (configuration reload)."""
         self.config = config or TrackerConfig()
         self.tracks: list[_Track] = []
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
 
     def update(self, dets: list[Detection], t: float) -> TrackUpdate:
         cfg, tau = self.config, self.config.velocity_tau_s
