@@ -109,7 +109,8 @@ def cmd_run(args) -> int:
 def cmd_subscribe(args) -> int:
     from agent.subscribe import subscribe
 
-    n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode)
+    n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
+                  server_public_key=args.server_key, client_secret_key=args.client_key)
     log.info("%d messages received", n)
     return 0 if n or args.count is None else 1
 
@@ -118,6 +119,15 @@ def cmd_bench_pipeline(args) -> int:
     from agent.bench import bench_pipeline
 
     bench_pipeline(args.source, args.budget, args.detect_input, args.threads, args.compare_unlimited, sys.stdout)
+    return 0
+
+
+def cmd_keys_generate(args) -> int:
+    from agent.keys import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    sys.stdout.write(f"public key: {public} (give it to the other side)\n"
+                     f"secret key: {secret} (mode 0600, keep private)\n")
     return 0
 
 
@@ -147,7 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
     p.add_argument("--mode", choices=["sub", "pull"], default="sub", help="pull for a publisher in push mode")
+    p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
+    p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
     p.set_defaults(func=cmd_subscribe)
+
+    keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 0600) in DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--name", default="bestshot")
+    p.set_defaults(func=cmd_keys_generate)
 
     p = sub.add_parser("models", help="show the prepared models (prepares them if needed)")
     p.add_argument("--json", action="store_true")
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -117,6 +119,12 @@ class Publisher(Model):
             raise ValueError("expected tcp://HOST:PORT or ipc:///PATH")
         return v
 
+    @model_validator(mode="after")
+    def _spool_needs_push(self) -> Publisher:
+        if self.spool is not None and self.mode != "push":
+            raise ValueError("a spool needs mode: push (PUB drops for slow subscribers without telling the sender)")
+        return self
+
 
 class Metrics(Model):
     listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT for /metrics and /healthz; null = off")
@@ -143,23 +151,20 @@ class Config(Model):
     metrics: Metrics = Field(default_factory=Metrics)
     logging: Logging = Field(default_factory=Logging)
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> Config:
-        seen: set[str] = set()
-        for cam in self.cameras:
-            if cam.id in seen:
-                raise ValueError(f"camera id {cam.id!r} is used twice")
-            seen.add(cam.id)
-        return self
-
     def camera_configs(self) -> list[CameraConfig]:
         return [to_camera(c) for c in self.cameras]
 
     def publisher_config(self) -> PublisherConfig:
         p = self.publisher
+        extra: dict[str, Any] = {}
+        if p.curve is not None:
+            extra |= {"curve_secret_key": p.curve.server_secret_key,
+                      "curve_authorized_keys_dir": p.curve.authorized_keys_dir}
+        if p.spool is not None:
+            extra |= {"spool_dir": p.spool.dir, "spool_max_bytes": int(p.spool.max_mb * 2**20)}
         return PublisherConfig(endpoint=p.endpoint, mode=p.mode, sndhwm=p.sndhwm,
                                include_embedding=p.include_embedding, jpeg_quality=p.jpeg_quality,
-                               linger_ms=p.linger_ms)
+                               linger_ms=p.linger_ms, **extra)
 
 
 def to_camera(c: Camera) -> CameraConfig:
@@ -205,6 +210,38 @@ def _loc(loc: tuple) -> str:
     return s or "(top level)"
 
 
+def _negatives(section: Any, where: str) -> list[str]:
+    """Negative numbers in a stage's dataclass (none of their counts, sizes, times or thresholds can be)."""
+    out = []
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if is_dataclass(v):
+            out += _negatives(v, f"{where}.{f.name}")
+        elif isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            out.append(f"{where}.{f.name}: must not be negative, got {v}")
+    return out
+
+
+def _problems(cfg: Config) -> list[str]:
+    """What the models cannot check on their own: unique camera ids, no negative numbers in the stages' settings."""
+    errors, first = [], {}
+    for where, sec in [("defaults", cfg.defaults), *((f"cameras[{i}]", c) for i, c in enumerate(cfg.cameras))]:
+        for name in ("source", "detector", "tracker", "selection", "upstream"):
+            if getattr(sec, name, None) is not None:
+                errors += _negatives(getattr(sec, name), f"{where}.{name}")
+    for i, cam in enumerate(cfg.cameras):
+        if cam.id in first:
+            errors.append(f"cameras[{i}].id: camera id {cam.id!r} is already used by cameras[{first[cam.id]}]")
+        first.setdefault(cam.id, i)
+    return errors
+
+
+def _message(err: dict) -> str:
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return "unknown key"
+    return err["msg"].removeprefix("Value error, ")
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     """Validate a parsed YAML document; raises ConfigError listing every problem with its location."""
     if data is None:
@@ -220,11 +257,25 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        errors += [f"{_loc(err['loc'])}: {err['msg']}" for err in e.errors()]
+        errors += [f"{_loc(err['loc'])}: {_message(err)}" for err in e.errors()]
         raise ConfigError(source, errors) from None
+    errors += _problems(cfg)
     if errors:
         raise ConfigError(source, errors)
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str | Path) -> Config:
@@ -234,7 +285,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, _StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
@@ -242,8 +293,24 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path))
 
 
+def check_config(path: str | Path, out: TextIO) -> int:
+    """`bestshot check-config`: every problem as `path: location: message`, one per line; 0 when valid, else 2."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        out.writelines(f"{e.source}: {err}\n" for err in e.errors)
+        return 2
+    out.write(f"{path}: ok, {len(cfg.cameras)} camera(s): {', '.join(c.id for c in cfg.cameras)}\n")
+    return 0
+
+
 def config_schema() -> dict:
     return Config.model_json_schema()
+
+
+def schema_json() -> str:
+    """`bestshot config schema`: the JSON schema of the configuration file."""
+    return json.dumps(config_schema(), indent=2) + "\n"
 
 
 def default_config(source: str) -> dict:

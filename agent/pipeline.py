@@ -196,8 +196,9 @@ class Pipeline:
 
     def __init__(self, cameras: list[CameraConfig], fr: FRSpec, scorer: Scorer, publish: Callable[[BestShot], bool],
                  score_budget: float | None = None, queue_size: int = 64, trace: Path | None = None,
-                 enrich: Callable | None = None):
-        self.fr, self.scorer, self.publish, self.enrich = fr, scorer, publish, enrich
+                 enrich: Callable | None = None, tick: Callable[[], object] | None = None):
+        """tick: called on the scoring thread between batches (e.g. the publisher's spool pump)."""
+        self.fr, self.scorer, self.publish, self.enrich, self.tick = fr, scorer, publish, enrich, tick
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.budget = TokenBucket(score_budget, burst=max(4.0, (score_budget or 0) / 2))
         self.times = StageTimes()
@@ -209,6 +210,7 @@ class Pipeline:
         self.track_ids: dict[str, Iterator[int]] = {}  # per camera, shared by its successive trackers
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.heartbeat = time.monotonic()  # last turn of the scoring loop (watchdog)
         self.published = 0
         self.scored = 0
         self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.metrics.Liveness)
@@ -268,6 +270,9 @@ class Pipeline:
             while True:
                 self.heartbeat = time.monotonic()
                 items = self._drain()
+                self.heartbeat = time.monotonic()
+                if self.tick is not None:
+                    self.tick()
                 if items:
                     self._process(items)
                 elif not self._alive() and self.queue.empty():

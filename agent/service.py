@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agent.config import Config, ConfigError, load_config, to_camera
 from agent.factory import build_scorer
+from agent.keys import KeyFileError
 from agent.pipeline import Pipeline
 from agent.publish import Publisher
 from agent.types import BestShot
@@ -45,7 +46,7 @@ class Agent:
         self.publisher = Publisher(cfg.publisher_config())
         log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
         self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
-                                 trace=trace)
+                                 trace=trace, tick=self.publisher.pump)
 
     def _publish(self, shot: BestShot) -> bool:
         ok = self.publisher.publish(shot)
@@ -67,6 +68,11 @@ class Agent:
                 log.error("reload rejected: %s: %s", e.source, err)
             log.error("reload rejected: keeping the running configuration")
             return False
+        if self.cfg.publisher.curve is not None:
+            try:
+                log.info("reload: %d authorized subscriber keys", self.publisher.reload_authorized_keys())
+            except KeyFileError as e:
+                log.error("reload: %s (keeping the previous allow-list)", e)
         old = {c.id: c for c in self.cfg.cameras}
         cams = {c.id: c for c in new.cameras}
         removed = sorted(old.keys() - cams.keys())

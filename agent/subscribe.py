@@ -14,6 +14,7 @@ from typing import Literal
 
 import zmq
 
+from agent.keys import check_secret_file, load_public_key
 from agent.publish import TOPIC_PREFIX, Message, decode
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,25 @@ def save(msg: Message, out_dir: Path) -> dict[str, str]:
 
 def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = None, timeout_s: float | None = None,
               topic: str = TOPIC_PREFIX, write_line: Callable[[str], None] = _stdout_line,
-              mode: Literal["sub", "pull"] = "sub", context: zmq.Context | None = None) -> int:
+              mode: Literal["sub", "pull"] = "sub", context: zmq.Context | None = None,
+              server_public_key: Path | None = None, client_secret_key: Path | None = None) -> int:
     """Connect to a publisher and handle shots until `count` arrived, `timeout_s` passed without any message,
     or Ctrl-C. Each shot becomes one JSON line (its metadata, plus "files" when saved under out_dir).
-    Corrupt messages are logged and skipped. Returns the number of shots handled."""
+    Corrupt messages are logged and skipped. Returns the number of shots handled.
+
+    CURVE: `server_public_key` (the publisher's .key file) and `client_secret_key` (this client's .key_secret file,
+    mode 0600, whose public key the publisher's allow-list holds). A refused client just receives nothing."""
     if mode not in ("sub", "pull"):
         raise ValueError(f"mode {mode!r}: expected 'sub' or 'pull'")
+    if (server_public_key is None) != (client_secret_key is None):
+        raise ValueError("CURVE needs both server_public_key and client_secret_key")
+    curve = None
+    if server_public_key is not None:
+        curve = (load_public_key(server_public_key), *check_secret_file(client_secret_key))
     sock = (context or zmq.Context.instance()).socket(zmq.SUB if mode == "sub" else zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     if mode == "sub":
         sock.setsockopt_string(zmq.SUBSCRIBE, topic)
     received = 0
@@ -63,7 +75,7 @@ def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = No
             sock.connect(endpoint)
         except zmq.ZMQError as e:
             raise ValueError(f"cannot connect to {endpoint}: {e.strerror}") from e
-        log.info("receiving best shots (%s) from %s", mode, endpoint)
+        log.info("receiving best shots (%s%s) from %s", mode, ", CURVE" if curve else "", endpoint)
         deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         while count is None or received < count:
             wait = min(_POLL_S, deadline - time.monotonic())

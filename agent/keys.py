@@ -1,0 +1,90 @@
+"""CURVE key files for the publisher and its subscribers (the format of zmq.auth.create_certificates).
+
+``NAME.key`` holds a public key (give it to the other side; a publisher's allow-list directory holds its clients'
+``*.key`` files); ``NAME.key_secret`` holds the key pair and must stay private: readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import stat
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+log = logging.getLogger(__name__)
+
+_Z85_KEY_LEN = 40
+
+
+class KeyFileError(ValueError):
+    """A key file or directory that cannot be used (missing, unreadable, malformed, or readable by others)."""
+
+
+def generate_keys(directory: str | Path, name: str = "bestshot") -> tuple[Path, Path]:
+    """Write DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600) in DIR (created mode 0700, or tightened to it
+    when it exists); refuses to overwrite existing keys. Returns (public_path, secret_path)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise ValueError(f"key name {name!r}: use letters, digits, '_', '.', '-'")
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)  # the secret file is briefly created with the umask's mode: keep others out of the folder
+    public, secret = d / f"{name}.key", d / f"{name}.key_secret"
+    if existing := [str(p) for p in (public, secret) if p.exists()]:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); remove it or choose another --name")
+    zmq.auth.create_certificates(d, name)
+    secret.chmod(0o600)
+    public.chmod(0o644)
+    log.info("wrote CURVE keys %s (public) and %s (secret, mode 0600)", public, secret)
+    return public, secret
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise KeyFileError(f"{path}: cannot read a CURVE key: {e}") from e
+    if any(k is not None and len(k) != _Z85_KEY_LEN for k in (public, secret)):
+        raise KeyFileError(f"{path}: malformed CURVE key (expected {_Z85_KEY_LEN} Z85 characters)")
+    return public, secret
+
+
+def check_secret_file(path: str | Path) -> tuple[bytes, bytes]:
+    """Load a secret key file after checking that it is a regular file that only its owner can read.
+    Returns (public_key, secret_key); raises KeyFileError naming the file and the problem."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot read the secret key file: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path}: the secret key is not a regular file")
+    if st.st_mode & 0o077:
+        raise KeyFileError(f"{path}: the secret key file is accessible by group or others (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
+    public, secret = _load(path)
+    if secret is None:
+        raise KeyFileError(f"{path}: holds no secret key (is it the public .key file?)")
+    try:
+        derived = zmq.curve_public(secret)
+    except zmq.ZMQError as e:
+        raise KeyFileError(f"{path}: invalid secret key: {e}") from e
+    if derived != public:
+        raise KeyFileError(f"{path}: the public key does not match the secret key")
+    return public, secret
+
+
+def load_public_key(path: str | Path) -> bytes:
+    """The public key in a .key (or .key_secret) file; raises KeyFileError naming the file."""
+    return _load(Path(path))[0]
+
+
+def load_authorized_keys(directory: str | Path) -> dict[bytes, bool]:
+    """The public keys of every ``*.key`` file in an allow-list directory (the zmq.auth layout);
+    raises KeyFileError naming the directory or the first bad file."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise KeyFileError(f"{d}: the authorized keys directory does not exist")
+    return {load_public_key(p): True for p in sorted(d.glob("*.key"))}
