@@ -131,6 +131,19 @@ def cmd_keys_generate(args) -> int:
     return 0
 
 
+def cmd_check_config(args) -> int:
+    from agent.config import check_config
+
+    return check_config(args.file, sys.stdout)
+
+
+def cmd_config_schema(args) -> int:
+    from agent.config import schema_json
+
+    sys.stdout.write(schema_json())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bestshot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -160,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
     p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
     p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("check-config", help="validate a configuration file: every error with its location")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+    config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
+    config.add_parser("schema", help="print the configuration's JSON schema").set_defaults(func=cmd_config_schema)
 
     keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 0600) in DIR")

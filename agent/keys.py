@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import stat
 from pathlib import Path
@@ -61,7 +62,11 @@ def check_secret_file(path: str | Path) -> tuple[bytes, bytes]:
         raise KeyFileError(f"{path}: cannot read the secret key file: {e.strerror}") from e
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"{path}: the secret key is not a regular file")
-    if st.st_mode & 0o077:
+    # systemd's LoadCredential= hands the file over read-only through an ACL, which shows as group-read (0440):
+    # that is still private to the service, so only there group read is allowed.
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    allowed = 0o040 if creds and path.resolve().parent == Path(creds).resolve() else 0
+    if st.st_mode & 0o077 & ~allowed:
         raise KeyFileError(f"{path}: the secret key file is accessible by group or others (mode "
                            f"{stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
     public, secret = _load(path)

@@ -326,7 +326,8 @@ class Pipeline:
                         del self.workers[item.camera]
                     elif worker in self.retiring:
                         self.retiring.remove(worker)
-                self.finished.append(worker)
+                    self.finished.append(worker)
+                worker.detector = None  # only its counters are needed from now on
                 log.info("camera %s: ended after %d frames, %d faces detected%s", item.camera, worker.frames,
                          worker.detections, f" ({worker.error})" if worker.error else "")
             if shot is not None:

@@ -121,6 +121,7 @@ class Gate:
     def __init__(self, camera: str, config: SelectionConfig, budget: TokenBucket):
         self.camera, self.config, self.budget = camera, config, budget
         self.tracks: dict[int, _GateTrack] = {}
+        self.opened = self.closed = 0  # tracks seen, tracks ended
         self.gated = 0  # faces dropped by the cheap gates
         self.deferred = 0  # faces not scored for lack of budget (kept as pending)
 
@@ -130,6 +131,7 @@ class Gate:
         t = self.tracks.get(track_id)
         if t is None:
             t = self.tracks[track_id] = _GateTrack(first_seen=pts, last_seen=pts)
+            self.opened += 1
         t.frames_seen += 1
         t.last_seen = pts
         cfg = self.config
@@ -163,6 +165,7 @@ class Gate:
         t = self.tracks.pop(track_id, None)
         if t is None:
             return None, None
+        self.closed += 1
         pending = t.pending if t.pending is not None and t.pending.cheap > t.sent_cheap else None
         return pending, TrackEnd(self.camera, track_id, t.first_seen, t.last_seen, t.frames_seen)
 

@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import notify
 from agent.config import Config, ConfigError, load_config, to_camera
 from agent.factory import build_scorer
 from agent.keys import KeyFileError
+from agent.metrics import Liveness, Metrics, serve
+from agent.notify import Watchdog
 from agent.pipeline import Pipeline
 from agent.publish import Publisher
 from agent.types import BestShot
@@ -61,6 +64,13 @@ class Agent:
     def reload(self, path: Path) -> bool:
         """Apply a new configuration file's cameras: added ones start, removed ones stop (their open tracks
         flushed), changed ones restart; the others are not disturbed. An invalid file changes nothing."""
+        notify.reloading()
+        try:
+            return self._reload(path)
+        finally:
+            notify.ready(f"{len(self.cfg.cameras)} camera(s), publishing on {self.publisher.endpoint}")
+
+    def _reload(self, path: Path) -> bool:
         try:
             new = load_config(path)
         except ConfigError as e:
@@ -118,6 +128,7 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
 
     def on_signal(signum, _frame) -> None:
         log.info("%s: stopping the sources and flushing open tracks", signal.Signals(signum).name)
+        notify.stopping()
         agent.stop()
 
     def on_hup(_signum, _frame) -> None:
@@ -131,7 +142,21 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
-    summary = agent.run()
+    liveness = Liveness(agent.pipeline)
+    server = None
+    if cfg.metrics.listen:
+        registry = Metrics().bind(agent.pipeline, agent.publisher).registry
+        server = serve(cfg.metrics.listen, registry, liveness.health)
+        log.info("metrics on http://%s/metrics, health on /healthz", cfg.metrics.listen)
+    watchdog = Watchdog(liveness.problems).start()  # pings only under systemd, only while the loops live
+    notify.ready(f"{len(cfg.cameras)} camera(s), publishing on {agent.publisher.endpoint}")
+    try:
+        summary = agent.run()
+    finally:
+        watchdog.stop()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     log.info("done: %d frames, %d faces detected, %d scored, %d shots published (%d dropped) in %.1f s",
              summary.frames, summary.detections, summary.scored, summary.published, summary.dropped,
              summary.seconds)

@@ -1,0 +1,197 @@
+"""Prometheus metrics and health: /metrics and /healthz on one small HTTP server.
+
+Counters are read from the pipeline, its camera workers and sources and the publisher at scrape time (one
+bookkeeping, in the stages); per-stage latencies are observed through `StageTimes.observers` into histograms.
+Everything lives on the Metrics' own CollectorRegistry (with the process collector: memory, CPU, open files).
+
+`Liveness` decides whether the agent is alive, for the systemd watchdog and /healthz: the scoring loop turned
+recently and no camera worker is stuck (its source delivers frames that the worker does not take).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "detect", "track", "align", "score", "publish")
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def _workers(pipeline: Any) -> tuple[list[Any], dict[str, Any]]:
+    """(every camera worker ever: ended, retiring and running, so that counters never go back; the running ones)."""
+    with pipeline.lock:
+        running = dict(pipeline.workers)
+        return [*pipeline.finished, *pipeline.retiring, *running.values()], running
+
+
+def source_counts(worker: Any) -> dict[str, Any]:
+    """A worker's source as numbers: decoded, dropped by reason, reconnects, up (upstream: up while subscribed)."""
+    src = worker.source
+    if hasattr(src, "stats"):  # VideoSource
+        s = src.stats
+        return {"decoded": s.decoded, "dropped": {"queue": s.dropped_queue, "fps": s.dropped_fps},
+                "reconnects": s.reconnects, "up": s.up and worker.is_alive(), "last_error": s.last_error}
+    return {"decoded": src.received - src.malformed, "dropped": {"malformed": src.malformed}, "reconnects": 0,
+            "up": worker.is_alive(), "last_error": None}
+
+
+class Metrics:
+    """`Metrics().bind(pipeline, publisher)`; expose `registry` with serve()."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.pipeline: Any = None
+        self.publisher: Any = None
+        self.stage_seconds = Histogram("bestshot_stage_seconds", "Latency of one pipeline stage step (score: a batch)",
+                                       ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(self)
+
+    def bind(self, pipeline: Any, publisher: Any) -> Metrics:
+        """Read counters from these from now on (call again after replacing either)."""
+        if pipeline is not self.pipeline:
+            pipeline.times.observers.append(self.observe)
+        self.pipeline, self.publisher = pipeline, publisher
+        return self
+
+    def observe(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        """Per camera, the sum over all its workers (a reload replaces a camera's worker; its counts stay)."""
+        pipeline, publisher = self.pipeline, self.publisher
+        if pipeline is None:
+            return
+        sums: dict[tuple[str, ...], Counter] = defaultdict(Counter)  # (name, label values...) -> value
+        everyone, running = _workers(pipeline)
+        for w in everyone:
+            cam, src = w.cam.id, source_counts(w)
+            sums["frames_decoded"][cam,] += src["decoded"]
+            for reason, n in src["dropped"].items():
+                sums["frames_dropped"][cam, reason] += n
+            sums["detections"][cam,] += w.detections
+            sums["camera_reconnects"][cam,] += src["reconnects"]
+            for gate in list(w.gates.values()):
+                for name, n in (("tracks_opened", gate.opened), ("tracks_closed", gate.closed),
+                                ("faces_gated", gate.gated), ("faces_deferred", gate.deferred)):
+                    sums[name][gate.camera,] += n
+        for name, labels, doc in COUNTERS:
+            family = CounterMetricFamily(f"bestshot_{name}", doc, labels=list(labels))
+            for values, n in sorted(sums[name].items()):
+                family.add_metric(list(values), n)
+            yield family
+        up = GaugeMetricFamily("bestshot_camera_up", "1 while frames are coming in from the camera", labels=["camera"])
+        for cam, w in sorted(running.items()):
+            up.add_metric([cam], float(source_counts(w)["up"]))
+        yield up
+        yield CounterMetricFamily("bestshot_candidates_scored", "Faces scored (all cameras)", value=pipeline.scored)
+        yield GaugeMetricFamily("bestshot_scoring_queue", "Items waiting for the scoring loop",
+                                value=pipeline.queue.qsize())
+        if publisher is not None:
+            yield CounterMetricFamily("bestshot_shots_published", "Best shots sent", value=publisher.published)
+            yield CounterMetricFamily("bestshot_shots_dropped", "Best shots that could not be sent",
+                                      value=publisher.dropped)
+
+
+COUNTERS = (  # name, labels, help; per camera (an upstream input's tracks: per camera it names)
+    ("frames_decoded", ("camera",), "Frames decoded (upstream: well-formed messages)"),
+    ("frames_dropped", ("camera", "reason"), "Frames dropped before detection"),
+    ("detections", ("camera",), "Faces detected (upstream: tracked faces received)"),
+    ("camera_reconnects", ("camera",), "Reconnections to the camera"),
+    ("tracks_opened", ("camera",), "Face tracks started"),
+    ("tracks_closed", ("camera",), "Face tracks ended"),
+    ("faces_gated", ("camera",), "Faces dropped by the cheap gates (size, score, blur)"),
+    ("faces_deferred", ("camera",), "Faces not scored at once for lack of budget"),
+)
+
+
+class Liveness:
+    """Whether the agent's loops make progress: `problems()` (watchdog) and `health()` (/healthz).
+
+    Stuck: the scoring loop has not turned for `stall_s` (Pipeline.heartbeat), or a camera worker has taken no
+    frame for `stall_s` while its source is up. A camera that is down is not stuck (its source reconnects); /healthz
+    reports it, and is unhealthy when no camera at all is up.
+    """
+
+    def __init__(self, pipeline: Any, stall_s: float = 20.0):
+        self.pipeline, self.stall_s = pipeline, stall_s
+        self._progress: dict[int, tuple[int, float]] = {}  # id(worker) -> (frames, monotonic time they changed)
+        self._lock = threading.Lock()
+
+    def problems(self) -> list[str]:
+        now = time.monotonic()
+        out = []
+        idle = now - self.pipeline.heartbeat
+        if idle > self.stall_s:
+            out.append(f"scoring loop stalled for {idle:.0f} s")
+        _, running = _workers(self.pipeline)
+        with self._lock:
+            progress, self._progress = self._progress, {}
+            for cam, w in running.items():
+                frames, since = progress.get(id(w), (-1, now))
+                if w.frames != frames:
+                    since = now
+                self._progress[id(w)] = (w.frames, since)
+                if w.is_alive() and hasattr(w.source, "stats") and w.source.stats.up and now - since > self.stall_s:
+                    out.append(f"camera {cam}: worker took no frame for {now - since:.0f} s while its source is up")
+        return out
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        reasons = self.problems()
+        everyone, running = _workers(self.pipeline)
+        cameras = {w.cam.id: {"up": False, "ended": True, "frames": w.frames, "reconnects": 0,
+                              "last_error": w.error} for w in everyone if w.cam.id not in running}
+        for cam, w in running.items():
+            src = source_counts(w)
+            cameras[cam] = {"up": bool(src["up"]), "ended": False, "frames": w.frames, "reconnects": src["reconnects"],
+                            "last_error": src["last_error"] or w.error}
+        if running and not any(c["up"] for c in cameras.values()):
+            reasons.append("no camera is up")
+        return not reasons, {"status": "unhealthy" if reasons else "ok", "reasons": reasons, "cameras": cameras}
+
+
+def serve(listen: str, registry: CollectorRegistry, health: HealthFn) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on HOST:PORT (empty host: all interfaces) from a daemon thread; end with
+    `.shutdown()` then `.server_close()`. OSError when the address cannot be bound."""
+    host, _, port = listen.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/healthz":
+                ok, body = health()
+                self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+        def _send(self, code: int, ctype: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("%s %s", self.address_string(), fmt % args)
+
+    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
+    return server
