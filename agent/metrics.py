@@ -153,8 +153,9 @@ class Liveness:
     def health(self) -> tuple[bool, dict[str, Any]]:
         reasons = self.problems()
         everyone, running = _workers(self.pipeline)
-        cameras = {w.cam.id: {"up": False, "ended": True, "frames": w.frames, "reconnects": 0,
-                              "last_error": w.error} for w in everyone if w.cam.id not in running}
+        cameras = {w.cam.id: {"up": False, "ended": True, "frames": w.frames, "reconnects": src["reconnects"],
+                              "last_error": src["last_error"] or w.error}
+                   for w in everyone if w.cam.id not in running for src in [source_counts(w)]}
         for cam, w in running.items():
             src = source_counts(w)
             cameras[cam] = {"up": bool(src["up"]), "ended": False, "frames": w.frames, "reconnects": src["reconnects"],
