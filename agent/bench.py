@@ -51,10 +51,9 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
         else:
             prepared = prepare_fr(FACENET, recipe, Path(cache) if cache else None)
             if form == "dense":
-                dense = OnnxRuntimeBackend(prepared.dense, threads)
-                run = dense.run
+                run = OnnxRuntimeBackend(prepared.dense, threads).run
             else:
-                pair = build_pair(prepared, "separate" if form == "dense+twin" else "trunk", threads)
+                pair = build_pair(prepared, "separate" if form == "dense+twin" else "trunk", threads, "onnxruntime")
                 run = pair.embed
         ms = _time(run, batch, faces)
         q.put((ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))

@@ -39,6 +39,29 @@ def cmd_score(args) -> int:
     return 1 if stats.failed else 0
 
 
+def _config_or_default(path: Path | None):
+    from agent.config import load_config, parse_config
+
+    return load_config(path) if path else parse_config({"cameras": [{"id": "none", "url": "none"}]}, "defaults")
+
+
+def cmd_build_engines(args) -> int:
+    from engines.prepare import prepare_fr
+    from engines.trt_build import build_engines
+
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        log.error("TensorRT is not available here (%s): install the `gpu` extra on a CUDA machine, or use "
+                  "JetPack's TensorRT on a Jetson (docs/GPU.md)", e)
+        return 2
+    cfg = _config_or_default(args.config)
+    prepared = prepare_fr(cfg.models.fr, cfg.models.recipe, cfg.models.cache_dir)
+    for kind, eng in build_engines(prepared, cfg.engines, progress=lambda line: sys.stdout.write(line + "\n")).items():
+        sys.stdout.write(f"{kind}: {eng.plan}\n")
+    return 0
+
+
 def cmd_models(args) -> int:
     from agent.detect import DetectorSpec
     from agent.scoring_cli import models_report, print_models
@@ -52,17 +75,29 @@ def cmd_models(args) -> int:
         det_path = default_centerface_path()
     elif args.detector_model:
         det_path = Path(DetectorSpec(kind=args.detector, path=args.detector_model).path)
+    from engines.trt_build import engine_lines, engine_report
+
     report = models_report(prepared, det_path)
+    report["engines"] = engine_report(prepared)
     if args.json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
         print_models(report)
+        sys.stdout.write("\n".join(engine_lines(report["engines"])) + "\n")
     return 0
 
 
 def cmd_bench_score(args) -> int:
     from agent.bench import bench_score
 
+    if args.backend != "onnxruntime":
+        from agent.trt_runtime import bench_score_gpu
+        from engines.prepare import prepare_fr
+
+        res = bench_score_gpu(prepare_fr(FACENET, args.recipe, args.cache), args.backend,
+                              [int(b) for b in args.batches.split(",")], max(args.faces, 256))
+        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        return 0
     bench_score(args.recipe, [int(b) for b in args.batches.split(",")], args.faces, args.threads, args.cache,
                 sys.stdout)
     return 0
@@ -186,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="bestshot")
     p.set_defaults(func=cmd_keys_generate)
 
+    p = sub.add_parser("build-engines", help="build the dense and 2:4-sparse TensorRT engines (needs TensorRT)")
+    p.add_argument("--config", type=Path, help="YAML configuration (models and engines sections)")
+    p.set_defaults(func=cmd_build_engines)
+
     p = sub.add_parser("models", help="show the prepared models (prepares them if needed)")
     p.add_argument("--json", action="store_true")
     _common(p)
@@ -195,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("score", help="faces/s and peak memory of the scoring forms, cv2.dnn as reference")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--faces", type=int, default=64, help="faces per measurement")
+    p.add_argument("--backend", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"], default="onnxruntime",
+                   help="GPU backends: faces/s at each batch for dense, sparse and the pair, and GPU memory")
     _common(p)
     p.set_defaults(func=cmd_bench_score)
     p = bench.add_parser("pipeline", help="frames/s, per-stage ms, CPU and memory of the whole pipeline on a file")
@@ -215,8 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from agent.backend import BackendUnavailable
+    from agent.config import ConfigError
+    from engines.trt_build import EngineError
+
     try:
         return args.func(args)
+    except ConfigError as e:
+        for err in e.errors:
+            log.error("%s: %s", e.source, err)
+        return 2
+    except (EngineError, BackendUnavailable) as e:
+        log.error("%s", e)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", e)
         return 2

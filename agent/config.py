@@ -34,9 +34,11 @@ from agent.track import TrackerConfig
 from agent.upstream import UpstreamOptions
 from engines.prepare import DEFAULT_RECIPE
 from engines.prune import Recipe
+from engines.trt_build import EngineOptions, Profile
 
 STRICT = ConfigDict(extra="forbid")
-for _cls in (DetectorSpec, SourceOptions, FRSpec, PublisherConfig, SelectionConfig, TrackerConfig, UpstreamOptions):
+for _cls in (DetectorSpec, SourceOptions, FRSpec, PublisherConfig, SelectionConfig, TrackerConfig, UpstreamOptions,
+             EngineOptions, Profile):
     _cls.__pydantic_config__ = STRICT  # unknown keys in a section are errors, with their location
 
 
@@ -144,6 +146,7 @@ class Logging(Model):
 class Config(Model):
     models: Models = Field(default_factory=Models)
     backend: Literal["auto", "onnxruntime", "onnxruntime-cuda", "tensorrt"] = "auto"
+    engines: EngineOptions = Field(default_factory=EngineOptions)  # TensorRT builds (bestshot build-engines)
     scoring: Scoring = Field(default_factory=Scoring)
     defaults: Defaults = Field(default_factory=Defaults)
     cameras: list[Camera] = Field(min_length=1)

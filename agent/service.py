@@ -45,7 +45,7 @@ class Agent:
         self.cfg = cfg
         m = cfg.models
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
-                                                  m.cache_dir)
+                                                  m.cache_dir, cfg.backend, cfg.engines)
         self.publisher = Publisher(cfg.publisher_config())
         log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
         self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
