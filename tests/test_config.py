@@ -146,6 +146,6 @@ def test_schema_is_json_with_the_sections():
     schema = json.loads(schema_json())
     assert schema == config_schema()
     assert set(schema["properties"]) == {"models", "backend", "scoring", "defaults", "cameras", "publisher", "metrics",
-                                         "logging"}
+                                         "engines", "logging"}
     assert schema["required"] == ["cameras"] and schema["additionalProperties"] is False
     assert schema["properties"]["backend"]["enum"] == ["auto", "onnxruntime", "onnxruntime-cuda", "tensorrt"]
