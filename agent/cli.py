@@ -15,25 +15,35 @@ log = logging.getLogger("bestshot")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"pruning recipe for the twin (default {DEFAULT_RECIPE})")
+    p.add_argument("--config", type=Path, help="take models, recipe and detector from this YAML configuration")
+    p.add_argument("--recipe", help=f"pruning recipe for the twin (default {DEFAULT_RECIPE})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all cores)")
     p.add_argument("--cache", type=Path, default=None, help="prepared-model cache directory")
-    p.add_argument("--detector", default="centerface", choices=["centerface", "yunet", "scrfd", "retinaface"])
+    p.add_argument("--detector", choices=["centerface", "yunet", "scrfd", "retinaface"], help="default centerface")
     p.add_argument("--detector-model", default=None, help="ONNX file of the detector (CenterFace: built in)")
 
 
-def _detector(args):
-    from agent.detect import DetectorSpec, make_detector
+def _models(args):
+    """(FR spec, recipe, cache dir, detector spec, backend) from --config and the flags that override it."""
+    from dataclasses import replace
 
-    return make_detector(DetectorSpec(kind=args.detector, path=args.detector_model, threads=args.threads))
+    cfg = _config_or_default(args.config)
+    det = cfg.defaults.detector
+    if args.detector or args.detector_model:
+        det = replace(det, kind=args.detector or det.kind, path=args.detector_model)
+    det = replace(det, threads=args.threads or det.threads)
+    return (cfg.models.fr, args.recipe or cfg.models.recipe, args.cache or cfg.models.cache_dir, det,
+            cfg.backend)
 
 
 def cmd_score(args) -> int:
+    from agent.detect import make_detector
     from agent.factory import build_scorer
     from agent.scoring_cli import score_paths
 
-    scorer, _ = build_scorer(FACENET, args.recipe, threads=args.threads, cache=args.cache)
-    detector = None if args.aligned else _detector(args)
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, _ = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    detector = None if args.aligned else make_detector(det)
     stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding)
     log.info("%d images, %d faces scored, %d files failed", stats.images, stats.faces, stats.failed)
     return 1 if stats.failed else 0
@@ -63,18 +73,17 @@ def cmd_build_engines(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from agent.detect import DetectorSpec
     from agent.scoring_cli import models_report, print_models
     from engines.prepare import prepare_fr
 
-    prepared = prepare_fr(FACENET, args.recipe, args.cache)
-    det_path = None
-    if args.detector == "centerface" and args.detector_model is None:
+    fr, recipe, cache, det, _ = _models(args)
+    prepared = prepare_fr(fr, recipe, cache)
+    if det.path is None:
         from engines.centerface import default_centerface_path
 
         det_path = default_centerface_path()
-    elif args.detector_model:
-        det_path = Path(DetectorSpec(kind=args.detector, path=args.detector_model).path)
+    else:
+        det_path = Path(det.path)
     from engines.trt_build import engine_lines, engine_report
 
     report = models_report(prepared, det_path)
@@ -94,12 +103,12 @@ def cmd_bench_score(args) -> int:
         from agent.trt_runtime import bench_score_gpu
         from engines.prepare import prepare_fr
 
-        res = bench_score_gpu(prepare_fr(FACENET, args.recipe, args.cache), args.backend,
+        res = bench_score_gpu(prepare_fr(FACENET, args.recipe or DEFAULT_RECIPE, args.cache), args.backend,
                               [int(b) for b in args.batches.split(",")], max(args.faces, 256))
         sys.stdout.write(json.dumps(res, indent=2) + "\n")
         return 0
-    bench_score(args.recipe, [int(b) for b in args.batches.split(",")], args.faces, args.threads, args.cache,
-                sys.stdout)
+    batches = [int(b) for b in args.batches.split(",")]
+    bench_score(args.recipe or DEFAULT_RECIPE, batches, args.faces, args.threads, args.cache, sys.stdout)
     return 0
 
 

@@ -242,3 +242,28 @@ def test_hostile_images_do_not_crash(shared_dir, tmp_path):
                       ("huge.png", "too large"), ("tiny.png", "too small")]:
         assert any(name in ln and why in ln for ln in errors), (name, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_score_cli_with_configured_models(shared_dir, tmp_path):
+    """Another ArcFace-style FR model and another detector, by configuration only."""
+    import yaml
+
+    models = shared_dir / "models"
+    cfg = {"models": {"fr": {"name": "mobilefacenet", "path": str(models / "mobilefacenet_128d.onnx"),
+                             "input_size": 112, "crop": "template", "margin": 0.0, "normalize": "meanstd",
+                             "mean": [127.5] * 3, "std": [127.5] * 3}, "recipe": "2:4@0.5-1"},
+           "defaults": {"detector": {"kind": "yunet", "path": str(models / "yunet_s_dynamic.onnx")}},
+           "cameras": [{"id": "unused", "url": "unused"}]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    images = shared_dir / "data/images/face_recognition"
+    r = run_cli("score", "--config", str(path), "--json", "--embedding", str(images / "two_people.jpg"),
+                str(images / "obama.jpg"))
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(recs) == 3 and all(len(rec["embedding"]) == 128 for rec in recs)
+    assert all(0 < rec["quality"] < 1 for rec in recs)
+    r = run_cli("models", "--config", str(path), "--json")
+    report = json.loads(r.stdout)
+    assert report["fr"]["name"] == "mobilefacenet" and report["fr"]["recipe"] == "2:4@0.5-1"
+    assert report["fr"]["pattern_2_4_verified"] is True and report["detector"]["path"].endswith("yunet_s_dynamic.onnx")
