@@ -38,13 +38,14 @@ def _models(args):
 
 def cmd_score(args) -> int:
     from agent.detect import make_detector
+    from agent.ers import load_ers
     from agent.factory import build_scorer
     from agent.scoring_cli import score_paths
 
     fr, recipe, cache, det, backend = _models(args)
-    scorer, _ = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     detector = None if args.aligned else make_detector(det)
-    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding)
+    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding, load_ers(prepared))
     log.info("%d images, %d faces scored, %d files failed", stats.images, stats.faces, stats.failed)
     return 1 if stats.failed else 0
 
@@ -188,6 +189,48 @@ def cmd_config_schema(args) -> int:
     return 0
 
 
+def cmd_ers_calibrate(args) -> int:
+    from agent.ers import calibrate_ers, captured_embeddings, save_ers
+    from agent.factory import build_scorer
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    captured = captured_embeddings(args.captured, scorer) if args.captured else None
+    model = calibrate_ers(scorer, det, args.shared, max_people=args.max_people, captured=captured, seed=args.seed)
+    log.info("saved %s", save_ers(prepared, model))
+    sys.stdout.write(json.dumps(model.info, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_templates(args) -> int:
+    from agent.ers import evaluate_templates, load_ers
+    from agent.factory import build_scorer
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    res = evaluate_templates(scorer, det, args.shared, load_ers(prepared), max_people=args.max_people)
+    sys.stdout.write(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from agent.curate import curate
+    from agent.detect import make_detector
+    from agent.ers import load_ers
+    from agent.factory import build_scorer
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    ers = load_ers(prepared)
+    if args.drop_unrecognisable and ers is None:
+        log.error("--drop-unrecognisable needs a calibrated ERS for this model: run `bestshot ers calibrate` first")
+        return 2
+    report = curate(args.dir, args.out, scorer, make_detector(det), ers if args.drop_unrecognisable else None,
+                    args.eps, args.min_cos, floor=ers.identity_floor if ers else None)
+    sys.stdout.write(json.dumps(report.get("summary", report), indent=2, default=str) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bestshot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -217,6 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
     p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
     p.set_defaults(func=cmd_subscribe)
+
+    default_shared = Path(__file__).resolve().parents[2] / "shared"
+    ers = sub.add_parser("ers", help="embedding recognisability score")
+    ers = ers.add_subparsers(dest="ers_command", required=True)
+    p = ers.add_parser("calibrate", help="build the unrecognisable-identity centre and threshold for the FR model")
+    p.add_argument("--shared", type=Path, default=default_shared, help="data folder with lfw/ and video/")
+    p.add_argument("--captured", type=Path, help="crops saved by `bestshot subscribe --out` to add to the UIC")
+    p.add_argument("--max-people", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_ers_calibrate)
+
+    p = sub.add_parser("curate", help="prune and clean a face set: one folder per identity in, a curated copy out")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--eps", type=float, default=0.03, help="probability difference under which shots are redundant")
+    p.add_argument("--min-cos", type=float, default=0.92, help="... and embedding cosine over which they are")
+    p.add_argument("--drop-unrecognisable", action="store_true", help="also remove faces the ERS rejects")
+    _common(p)
+    p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("check-config", help="validate a configuration file: every error with its location")
     p.add_argument("file", type=Path)

@@ -71,6 +71,8 @@ class Scoring(Model):
     max_batch: int = Field(32, ge=1, le=1024)
     budget: float | None = Field(None, gt=0, description="faces scored per second, all cameras; null = unlimited")
     threads: int | None = Field(None, ge=1)
+    shots: int = Field(1, ge=1, le=32, description="diverse shots per message, chosen by DiffProb (extra.shots)")
+    template_weights: Literal["ers", "quality", "mean"] = "ers"
 
 
 class Defaults(Model):

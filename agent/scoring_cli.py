@@ -54,6 +54,7 @@ def score_paths(
     out: TextIO,
     as_json: bool = True,
     with_embedding: bool = False,
+    ers=None,
 ) -> ScoreStats:
     """Score every face of every image; errors go to the log (stderr), one line per bad file."""
     stats = ScoreStats()
@@ -77,6 +78,8 @@ def score_paths(
             continue
         for i, (det, s) in enumerate(zip(dets, scorer.score(crops), strict=True)):
             rec = _face_record(path, i, det, s, with_embedding)
+            if ers is not None:  # calibrated with `bestshot ers calibrate`
+                rec["ers"] = round(ers.score(s.embedding), 4)
             if as_json:
                 out.write(json.dumps(rec) + "\n")
             else:

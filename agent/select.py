@@ -36,7 +36,7 @@ class SelectionConfig:
     # or when the track has sent nothing for refresh_s seconds. Without a budget every gated face is scored.
     improve_factor: float = 1.1
     refresh_s: float = 1.0
-    top_k: int = 1  # shots kept per track (published in `extra.top_k` when > 1)
+    top_k: int = 8  # best frames kept per track: the pool for the template and the diverse shots (extra.top_k)
     update_every_s: float | None = None  # also publish an "update" for open tracks this often (pts seconds)
     update_on_improve: float | None = None  # ... or when the best quality improves by this much
     score_budget: float | None = None  # faces scored per second, all cameras together; None = unlimited

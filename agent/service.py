@@ -16,6 +16,8 @@ from pathlib import Path
 
 from agent import notify
 from agent.config import Config, ConfigError, load_config, to_camera
+from agent.diffprob import enrich_factory
+from agent.ers import load_ers
 from agent.factory import build_scorer
 from agent.keys import KeyFileError
 from agent.metrics import Liveness, Metrics, serve
@@ -48,8 +50,10 @@ class Agent:
                                                   m.cache_dir, cfg.backend, cfg.engines)
         self.publisher = Publisher(cfg.publisher_config())
         log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
+        # ERS of the best shot (when calibrated), the track template and DiffProb's diverse shots
+        enrich = enrich_factory(load_ers(self.prepared), cfg.scoring.shots, cfg.scoring.template_weights)
         self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
-                                 trace=trace, tick=self.publisher.pump)
+                                 trace=trace, tick=self.publisher.pump, enrich=enrich)
 
     def _publish(self, shot: BestShot) -> bool:
         ok = self.publisher.publish(shot)

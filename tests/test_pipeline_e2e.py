@@ -34,14 +34,19 @@ class Receiver:
         self.lines: list[dict] = []
         self.out = out
         self.thread = threading.Thread(
-            target=subscribe, args=(endpoint, out, None, 20.0),
+            target=subscribe, args=(endpoint, out, None, 300.0),
             kwargs={"write_line": lambda line: self.lines.append(json.loads(line)), "mode": mode}, daemon=True)
         self.thread.start()
         time.sleep(0.3)
 
-    def wait(self, timeout: float = 30) -> list[dict]:
-        self.thread.join(timeout)
-        return self.lines
+    def wait(self, trace: Path, timeout: float = 30) -> list[dict]:
+        """The messages, once as many arrived as the trace says were published (or after `timeout`)."""
+        expected = len(read_trace(trace)[1])
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # anything beyond the expected would be a duplicate: give it a chance to show
+        return list(self.lines)
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -81,6 +86,9 @@ def check_messages(msgs: list[dict], trace: Path) -> None:
         assert m["frame_index"] == best["frame_index"] and abs(m["quality"] - best["quality"]) < 1e-6
         assert m["frames_scored"] == len(cands) <= m["frames_seen"]
         assert m["timestamps"]["first_seen"] <= m["timestamps"]["best"] <= m["timestamps"]["last_seen"]
+        template = np.array(m["extra"]["template"])  # the track's template over its best frames
+        assert template.shape == (512,) and abs(np.linalg.norm(template) - 1) < 1e-3
+        assert 1 <= m["extra"]["template_frames"] <= min(8, len(cands))
 
 
 def test_file_source_end_to_end(shared_dir, tmp_path):
@@ -89,7 +97,7 @@ def test_file_source_end_to_end(shared_dir, tmp_path):
     rx = Receiver(endpoint, tmp_path / "out")
     r = run_cli("run", "--source", str(clip), "--publish", endpoint, "--trace", str(tmp_path / "trace.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
-    msgs = rx.wait()
+    msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl")
     assert "ended after 275 frames" in r.stderr
     # 1 to 7 faces per frame over three shots: a handful of tracks, not hundreds
@@ -111,7 +119,7 @@ def test_config_file_1080p_with_budget_and_topk(shared_dir, tmp_path):
     rx = Receiver(endpoint, tmp_path / "out")
     r = run_cli("run", "--config", str(path), "--trace", str(tmp_path / "trace.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
-    msgs = rx.wait()
+    msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl")
     assert len(msgs) >= 4  # 4 to 10 faces per frame
     for m in msgs:
@@ -142,7 +150,7 @@ def test_rtsp_source_end_to_end_and_sigterm_flush(rtsp_server, tmp_path):
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: stopping" in err
-    msgs = rx.wait()
+    msgs = rx.wait(trace)
     check_messages(msgs, trace)
     scored, _ = read_trace(trace)
     assert {(m["camera"], m["track_id"]) for m in msgs} == set(scored)  # every scored track was published
@@ -179,7 +187,7 @@ def test_upstream_tracks_end_to_end(shared_dir, tmp_path):
     time.sleep(1.5)  # past max_lost_s: the track ends
     agent.stop()
     runner.join(30)
-    msgs = rx.wait(30)
+    msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl")
     assert {m["camera"] for m in msgs} == {"selfie"}
     assert all(m["track_id"] >= 1000 for m in msgs)
