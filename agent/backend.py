@@ -60,6 +60,8 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about declared-vs-actual output shapes are noise here
+        # Detector and scorer sessions run at once on different threads: idle pool threads must not spin.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(
             str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]

@@ -100,7 +100,7 @@ def bench_score(recipe: str, batches: list[int], faces: int, threads: int | None
     return rows
 
 
-def _pipeline_run(source: str, budget: float | None, detect_input: int, threads: int | None,
+def _pipeline_run(source: str, budget: float | None, detect_input: int, detect_every: int, threads: int | None,
                   trace: Path) -> tuple[dict, dict[int, tuple[int, float]]]:
     """One in-process run of the agent on `source`; (figures, {track: (published frame, quality)})."""
     import json
@@ -114,7 +114,8 @@ def _pipeline_run(source: str, budget: float | None, detect_input: int, threads:
         stream = c.streams.video[0]
         fps = float(stream.average_rate or 25)
     cfg = parse_config({
-        "cameras": [{"id": "bench", "url": source, "detector": {"input_size": detect_input}}],
+        "cameras": [{"id": "bench", "url": source, "detector": {"input_size": detect_input},
+                     "detect_every": detect_every}],
         "scoring": {"budget": budget, "threads": threads},
         "publisher": {"endpoint": "tcp://127.0.0.1:*"},
         "metrics": {"listen": None},
@@ -144,8 +145,8 @@ def _pipeline_run(source: str, budget: float | None, detect_input: int, threads:
     }, shots
 
 
-def bench_pipeline(source: str | None, budget: float | None, detect_input: int, threads: int | None,
-                   compare_unlimited: bool, out: TextIO) -> dict:
+def bench_pipeline(source: str | None, budget: float | None, detect_input: int, detect_every: int,
+                   threads: int | None, compare_unlimited: bool, out: TextIO) -> dict:
     import tempfile
 
     if source is None:
@@ -153,10 +154,11 @@ def bench_pipeline(source: str | None, budget: float | None, detect_input: int, 
 
         source = str(demo_clip_path())
     with tempfile.TemporaryDirectory() as tmp:
-        res, shots = _pipeline_run(source, budget, detect_input, threads, Path(tmp) / "trace.jsonl")
+        res, shots = _pipeline_run(source, budget, detect_input, detect_every, threads, Path(tmp) / "trace.jsonl")
         out.write(f"# bestshot bench pipeline: {source}\n# {platform.processor() or platform.machine()}, "
                   f"{mp.cpu_count()} cores, threads {threads or 'all'}, scoring budget "
-                  f"{budget if budget else 'unlimited'} faces/s, detector input {detect_input}\n")
+                  f"{budget if budget else 'unlimited'} faces/s, detector input {detect_input}, "
+                  f"detection on every {detect_every}. frame\n")
         out.write(f"frames {res['frames']} in {res['seconds']:.1f} s: {res['fps']:.1f} frames/s = "
                   f"{res['realtime_ratio']:.2f}x real time ({res['source_fps']:.2f} fps source)\n")
         out.write("per-stage ms per frame: " + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_ms_per_frame"].items())
@@ -166,7 +168,7 @@ def bench_pipeline(source: str | None, budget: float | None, detect_input: int, 
                   f"peak RSS {res['peak_rss_mb']:.0f} MB; track end -> message median "
                   f"{res['end_to_message_ms_median'] or float('nan'):.1f} ms\n")
         if compare_unlimited and budget:
-            ref, ref_shots = _pipeline_run(source, None, detect_input, threads, Path(tmp) / "ref.jsonl")
+            ref, ref_shots = _pipeline_run(source, None, detect_input, detect_every, threads, Path(tmp) / "ref.jsonl")
             common = sorted(set(shots) & set(ref_shots))
             changed = [t for t in common if shots[t][0] != ref_shots[t][0]]
             loss = [ref_shots[t][1] - shots[t][1] for t in common]

@@ -163,7 +163,8 @@ def cmd_subscribe(args) -> int:
 def cmd_bench_pipeline(args) -> int:
     from agent.bench import bench_pipeline
 
-    bench_pipeline(args.source, args.budget, args.detect_input, args.threads, args.compare_unlimited, sys.stdout)
+    bench_pipeline(args.source, args.budget, args.detect_input, args.detect_every, args.threads,
+                   args.compare_unlimited, sys.stdout)
     return 0
 
 
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="video file (default: the embedded demo clip)")
     p.add_argument("--budget", type=float, default=None, help="scoring budget, faces/s (default unlimited)")
     p.add_argument("--detect-input", type=int, default=640, help="longest side the detector sees")
+    p.add_argument("--detect-every", type=int, default=1, help="run the detector on every Nth frame")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compare-unlimited", action="store_true",
                    help="rerun with unlimited scoring and count the tracks whose published shot changes")

@@ -35,7 +35,7 @@ class SelectionConfig:
     # With a budget: a track's later face is scored when its cheap signal beats the sent best by this factor,
     # or when the track has sent nothing for refresh_s seconds. Without a budget every gated face is scored.
     improve_factor: float = 1.1
-    refresh_s: float = 1.0
+    refresh_s: float = 0.25
     top_k: int = 8  # best frames kept per track: the pool for the template and the diverse shots (extra.top_k)
     update_every_s: float | None = None  # also publish an "update" for open tracks this often (pts seconds)
     update_on_improve: float | None = None  # ... or when the best quality improves by this much
