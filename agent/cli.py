@@ -203,6 +203,35 @@ def cmd_ers_calibrate(args) -> int:
     return 0
 
 
+def cmd_eval_pairs(args) -> int:
+    from agent.evaluate import eval_pairs
+
+    res = eval_pairs(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", seed=args.seed,
+                     limit=args.limit, threads=args.threads, cache=args.cache)
+    log.info("wrote %s (%.0f s)", args.out / "pairs.md", res["seconds"])
+    return 0
+
+
+def cmd_eval_tracks(args) -> int:
+    from agent.evaluate import eval_tracks
+
+    video = None if args.no_video else args.shared / "data/video/short_hamilton_clip.mp4"
+    res = eval_tracks(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", video=video, seed=args.seed,
+                      synthetic=args.synthetic, threads=args.threads, cache=args.cache)
+    log.info("wrote %s (%.0f s)", args.out / "tracks.md", res["seconds"])
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from engines.tune import RECIPES, tune
+
+    recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
+    res = tune(args.out, recipes, lfw=args.shared / "data/lfw", seed=args.seed, limit=args.limit,
+               threads=args.threads, cache=args.cache)
+    log.info("wrote %s (%.0f s)", args.out / "tune.md", res.get("seconds", 0))
+    return 0
+
+
 def cmd_eval_templates(args) -> int:
     from agent.ers import evaluate_templates, load_ers
     from agent.factory import build_scorer
@@ -272,6 +301,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_ers_calibrate)
+
+    ev = sub.add_parser("eval", help="quality evidence on the shared data (docs/QUALITY.md)")
+    ev = ev.add_subparsers(dest="eval_command", required=True)
+    recipes = "2:4@0.75-1,2:4@0.5-1,unstructured:0.4"
+    for name, func, helptext in [("pairs", cmd_eval_pairs, "EDC and pAUC on LFW DevTest pairs, clean and degraded"),
+                                 ("tracks", cmd_eval_tracks, "best-shot selection on synthetic and real tracks")]:
+        p = ev.add_parser(name, help=helptext)
+        p.add_argument("--out", type=Path, default=Path("eval-out"))
+        p.add_argument("--recipes", default=recipes, help="comma-separated PreFIQs recipes to compare")
+        p.add_argument("--shared", type=Path, default=default_shared)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "pairs":
+            p.add_argument("--limit", type=int, help="at most this many matched and mismatched pairs (quick run)")
+        else:
+            p.add_argument("--synthetic", type=int, default=120, help="synthetic LFW tracks")
+            p.add_argument("--no-video", action="store_true", help="skip the real clip")
+        p.add_argument("--threads", type=int)
+        p.add_argument("--cache", type=Path)
+        p.set_defaults(func=func)
+    p = ev.add_parser("templates", help="track templates vs best single frame vs plain mean (LFW pseudo-tracks)")
+    p.add_argument("--shared", type=Path, default=default_shared)
+    p.add_argument("--max-people", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=cmd_eval_templates)
+
+    p = sub.add_parser("tune", help="choose the pruning recipe by evidence on a tuning split")
+    p.add_argument("--out", type=Path, default=Path("tune-out"))
+    p.add_argument("--recipes", help="comma-separated recipes (default: the built-in search list)")
+    p.add_argument("--shared", type=Path, default=default_shared)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="at most this many tuning people (quick run)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache", type=Path)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("curate", help="prune and clean a face set: one folder per identity in, a curated copy out")
     p.add_argument("dir", type=Path)
