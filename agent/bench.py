@@ -96,7 +96,7 @@ def bench_score(recipe: str, batches: list[int], faces: int, threads: int | None
     for batch in batches:
         by = {r["form"]: r["ms_per_face"] for r in rows if r["batch"] == batch}
         sep, trunk = by["dense+twin"] / by["dense"] - 1, by["trunk"] / by["dense"] - 1
-        out.write(f"batch {batch}: cost over dense: separate twin +{sep:.0%}, shared trunk +{trunk:.0%}\n")
+        out.write(f"batch {batch}: cost over dense: separate twin {sep:+.0%}, shared trunk {trunk:+.0%}\n")
     return rows
 
 
