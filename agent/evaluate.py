@@ -186,7 +186,8 @@ class Evaluator:
         self.spec = FACENET
         self.other_spec = other_spec(other_model)
         self.detector = make_detector(DetectorSpec(input_size=256, threads=threads))  # LFW images are 250 px
-        self.other = OnnxRuntimeBackend(prepare_fr(self.other_spec, root=cache).dense, threads)
+        # prepare_fr builds a twin too; only the dense model is used, so any recipe with layers in every model
+        self.other = OnnxRuntimeBackend(prepare_fr(self.other_spec, "2:4@0.75-1", cache).dense, threads)
         self.lightqnet = LightQNet(lightqnet, threads)
         self._prepared: dict[str, PreparedFR] = {}
         self._trunks: dict[str, SharedTrunk] = {}
@@ -289,13 +290,13 @@ class Evaluator:
 
     def methods(self, faces: Faces, recipes: Sequence[str], seed: int, fusion: bool = True) -> dict[str, np.ndarray]:
         """Every method's quality per face: PreFIQs per recipe, random, the cheap signals, and (with `fusion`)
-        rank fusions of the first recipe with size and sharpness."""
+        rank fusions of the first recipe with size, sharpness, both, and the detector score."""
         out = {f"PreFIQs {r}": self.prefiqs(faces, r) for r in recipes}
         out["random"] = random_quality(len(faces), seed)
         out.update({k: np.array(v) for k, v in faces.cheap.items()})
         if fusion and recipes:
             p = out[f"PreFIQs {recipes[0]}"]
-            for extra in (("size",), ("sharpness",), ("size", "sharpness")):
+            for extra in (("size",), ("sharpness",), ("size", "sharpness"), ("detector",)):
                 out[f"fusion PreFIQs {recipes[0]} + {' + '.join(extra)}"] = rank_fusion(p, *(out[e] for e in extra))
         return out
 
@@ -399,6 +400,7 @@ class TrackSet:
     tracks: list[np.ndarray]
     utility: np.ndarray
     labels: list[str]
+    kinds: np.ndarray | None = None  # per face, the degradation drawn on top of the pose warp (synthetic tracks)
 
 
 def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: int = 10,
@@ -425,7 +427,8 @@ def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: in
     faces = ev.faces(frame_items(), f"{name} frames", len(people) * frames)
     tracks = [np.arange(i * frames, (i + 1) * frames) for i in range(len(people))]
     utility = np.concatenate([faces.other_emb()[t] @ enrol[i] for i, t in enumerate(tracks)])
-    return TrackSet(name, faces, tracks, utility, list(people))
+    kinds = np.array([k.split("|")[3].split(":")[0] for k in faces.keys])
+    return TrackSet(name, faces, tracks, utility, list(people), kinds)
 
 
 def video_tracks(ev: Evaluator, video: Path, enrolments: dict[str, Path], threshold: float = 0.25,
@@ -499,25 +502,34 @@ def selection(ts: TrackSet, q: np.ndarray) -> dict[str, float]:
 
 
 def track_results(ts: TrackSet, methods: dict[str, np.ndarray]) -> dict:
+    """Selection metrics per method; for synthetic tracks also Spearman(quality, utility) over all frames pooled,
+    per degradation kind (where a method is blind)."""
     res = {name: selection(ts, q) for name, q in methods.items()}
     res["oracle"] = selection(ts, ts.utility)
-    return {"tracks": len(ts.tracks), "frames": int(sum(len(t) for t in ts.tracks)), "labels": ts.labels,
-            "oracle_utility": res["oracle"]["utility"], "random_utility": round(res["oracle"]["utility"]
-                                                                              - res["oracle"]["vs_random"], 4),
-            "methods": res}
+    out = {"tracks": len(ts.tracks), "frames": int(sum(len(t) for t in ts.tracks)), "labels": ts.labels,
+           "oracle_utility": res["oracle"]["utility"], "random_utility": round(res["oracle"]["utility"]
+                                                                             - res["oracle"]["vs_random"], 4),
+           "methods": res}
+    if ts.kinds is not None:
+        groups = {"all": np.ones(len(ts.kinds), bool)} | {k: ts.kinds == k for k in sorted(set(ts.kinds))}
+        out["spearman_by_kind"] = {name: {k: round(float(spearmanr(q[m], ts.utility[m]).statistic), 3)
+                                          for k, m in groups.items()} for name, q in methods.items()}
+    return out
 
 
 # ---------------------------------------------------------------- outputs
 
 
-def _style(name: str) -> dict:
+def _style(name: str, i: int) -> dict:
+    import matplotlib
+
     if name == "oracle":
         return {"color": "black", "linestyle": ":", "linewidth": 2}
     if name == "random":
         return {"color": "grey", "linestyle": "--"}
-    if name.startswith("PreFIQs"):
-        return {"linestyle": "-", "linewidth": 2}
-    return {"linestyle": "-." if name.startswith("fusion") else "--"}
+    style = "-" if name.startswith("PreFIQs") else "-." if name.startswith("fusion") else "--"
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "linestyle": style,
+            "linewidth": 2 if name.startswith("PreFIQs") else 1.3}
 
 
 def plot_edc(curves: dict[str, dict], title: str, path: Path) -> None:
@@ -526,14 +538,14 @@ def plot_edc(curves: dict[str, dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, c in curves.items():
-        ax.plot(DISCARD, c["fnmr"], label=f"{name} (pAUC {c['pauc']:.4f})", **_style(name))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(DISCARD, c["fnmr"], label=f"{name} (pAUC {c['pauc']:.4f})", **_style(name, i))
     ax.axvline(PAUC_LIMIT, color="lightgrey", linewidth=1)
     ax.set(xlabel="fraction of genuine comparisons discarded (lowest pair quality first)", ylabel="FNMR",
            title=title, xlim=(0, DISCARD[-1]), ylim=(0, None))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -597,6 +609,13 @@ def tracks_markdown(res: dict) -> str:
             lines.append(f"| {m} | {v['utility']:.4f} | {v['vs_random']:+.4f} | {v['regret']:.4f} | "
                          f"{_f(v['gain'], 3)} ± {_f(v['gain_sd'], 3)} | {_f(v['spearman'], 3)} |")
         lines.append("")
+        if "spearman_by_kind" in r:
+            kinds = list(next(iter(r["spearman_by_kind"].values())))
+            lines += [f"Spearman(quality, utility) over the {name} frames pooled, by the degradation on top of the "
+                      "pose warp:", "", "| method | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+            lines += [f"| {m} | " + " | ".join(_f(v[k], 3) for k in kinds) + " |"
+                      for m, v in r["spearman_by_kind"].items()]
+            lines.append("")
     return "\n".join(lines)
 
 

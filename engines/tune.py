@@ -231,7 +231,8 @@ def tune_markdown(res: dict, metrics: list[str]) -> str:
     lines = ["| recipe | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for n, r in sorted(res["recipes"].items(), key=lambda kv: kv[1]["mean_rank"]):
         mark = " **(chosen)**" if n == res["winner"] else ""
-        lines.append(f"| `{n}`{mark} | " + " | ".join(f"{r.get(c, '')}" for c in cols) + " |")
+        name = n.replace("|", "\\|")  # a regex alternation would split the table cell
+        lines.append(f"| `{name}`{mark} | " + " | ".join(f"{r.get(c, '')}" for c in cols) + " |")
     for n, r in res["baselines"].items():
         lines.append(f"| {n} (baseline) | " + " | ".join(f"{r.get(c, '')}" for c in cols) + " |")
     return "\n".join(lines)
