@@ -26,9 +26,8 @@ from engines.twin import shared_trunk
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-# The default recipe, chosen by `bestshot tune` (docs/QUALITY.md): 2:4 on the bottleneck layer (the final
-# 1792->512 projection) only. Its twin branch costs 0.06 % of the dense multiply-accumulates.
-DEFAULT_RECIPE = "2:4/Bottleneck"
+# The default recipe: 2:4 on the deepest quarter of the eligible layers (see docs/QUALITY.md).
+DEFAULT_RECIPE = "2:4@0.75-1"
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

@@ -65,7 +65,7 @@ def test_saved_twin_is_exactly_24_and_the_rest_bit_identical():
     twin = {t.name: numpy_helper.to_array(t) for t in twin_model.graph.initializer}
     axes = {p.weight: p.axis for p in prunable_layers(twin_model)}
     pruned = prepared.manifest["sparsity"]
-    assert len(pruned) == prepared.manifest["layers_pruned"] >= 1
+    assert len(pruned) == prepared.manifest["layers_pruned"] > 10
     assert prepared.manifest["pattern_2_4_verified"] is True
     for name, w in twin.items():
         if name in pruned:
@@ -136,9 +136,9 @@ DEGRADE = {
 }
 
 
-# Measured on 60 other LFW people with the default recipe (2:4 on the bottleneck): quality fell for 98 % (blur),
-# 88 % (downscale) and 57 % (noise) of faces; docs/QUALITY.md has every recipe's figures.
-@pytest.mark.parametrize("kind,min_frac", [("blur", 0.85), ("downscale", 0.75), ("noise", 0.45)])
+# Measured on 60 other LFW people with the default recipe (2:4 on the deepest quarter): quality fell for
+# 95 % (blur), 78 % (downscale) and 57 % (noise) of faces; docs/QUALITY.md has every recipe's figures.
+@pytest.mark.parametrize("kind,min_frac", [("blur", 0.85), ("downscale", 0.65), ("noise", 0.45)])
 def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
     scorer, _ = build_scorer(FACENET)
     falls = 0
@@ -152,7 +152,7 @@ def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
     assert frac >= min_frac
 
 
-@pytest.mark.parametrize("recipe,min_rho", [("2:4/Bottleneck", 0.45), ("2:4@0.75-1", 0.35), ("unstructured:0.4", 0.35)])
+@pytest.mark.parametrize("recipe,min_rho", [("2:4@0.75-1", 0.35), ("unstructured:0.4", 0.35)])
 def test_quality_tracks_true_utility(lfw_faces, recipe, min_rho):
     """Utility of a degraded copy of image 1 = its dense similarity to the person's clean image 2."""
     scorer, _ = build_scorer(FACENET, recipe)
