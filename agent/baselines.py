@@ -33,7 +33,7 @@ def random_quality(n: int, seed: int) -> np.ndarray:
 
 
 def lightqnet_crop(image: np.ndarray, det: Detection) -> np.ndarray:
-    """The 96x96 BGR crop LightQNet expects (its 3-point alignment; the upright box without landmarks)."""
+    """The 96x96 BGR crop LightQNet expects (its 3-point alignment; the detector box when there are no landmarks)."""
     size = LIGHTQNET_SIZE
     if det.landmarks is not None:
         lm = det.landmarks

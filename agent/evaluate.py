@@ -557,13 +557,14 @@ def plot_tracks(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 5.5), squeeze=False)
-    for ax, (name, r) in zip(axes[0], results.items(), strict=True):
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 5 * len(results)), squeeze=False)
+    for ax, (name, r) in zip(axes[:, 0], results.items(), strict=True):
         methods = [m for m in r["methods"] if m not in ("oracle", "random")]
-        gains = [r["methods"][m]["gain"] for m in methods]
-        ax.barh(methods, gains, color=["tab:blue" if m.startswith("PreFIQs") else "tab:orange" for m in methods])
+        ax.barh(methods, [r["methods"][m]["gain"] for m in methods], xerr=[r["methods"][m]["gain_sd"] for m in methods],
+                color=["tab:blue" if m.startswith("PreFIQs") else "tab:orange" for m in methods], ecolor="grey")
         ax.axvline(0, color="grey")
-        ax.set(xlabel="selection gain (0 = random frame, 1 = oracle frame)", title=f"{name}: {r['tracks']} tracks")
+        ax.set(xlabel="selection gain (0 = random frame, 1 = oracle frame; bars: bootstrap sd over tracks)",
+               title=f"{name}: {r['tracks']} tracks")
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
     fig.tight_layout()

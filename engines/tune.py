@@ -228,7 +228,10 @@ def tune(out: Path, recipes: Sequence[str] = RECIPES, lfw: Path = LFW, other_mod
 
 def tune_markdown(res: dict, metrics: list[str]) -> str:
     cols = metrics + ["track_spearman", "twin_macs", "twin_macs_sparse", "layers_pruned", "mean_rank"]
-    lines = ["| recipe | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    labels = {"track_gain": "track gain", "track_spearman": "Spearman in track", "twin_macs": "twin MACs / dense",
+              "twin_macs_sparse": "same, 2:4 kernels", "layers_pruned": "layers pruned", "mean_rank": "mean rank"}
+    head = [labels.get(c, f"pAUC {c.removeprefix('pauc_')}") for c in cols]
+    lines = ["| recipe | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(cols)]
     for n, r in sorted(res["recipes"].items(), key=lambda kv: kv[1]["mean_rank"]):
         mark = " **(chosen)**" if n == res["winner"] else ""
         name = n.replace("|", "\\|")  # a regex alternation would split the table cell
