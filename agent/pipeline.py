@@ -61,9 +61,6 @@ class StageTimes:
         for obs in self.observers:
             obs(stage, seconds)
 
-    def mean_ms(self) -> dict[str, float]:
-        return {k: self.ms[k] / max(1, self.n[k]) for k in self.ms}
-
 
 @dataclass
 class _Eos:
@@ -337,4 +334,3 @@ class Pipeline:
                 self.times.add("publish", time.perf_counter() - t)
                 if end_wall is not None:
                     self.end_latency_s.append(time.time() - end_wall)
-

@@ -169,8 +169,6 @@ class Gate:
         pending = t.pending if t.pending is not None and t.pending.cheap > t.sent_cheap else None
         return pending, TrackEnd(self.camera, track_id, t.first_seen, t.last_seen, t.frames_seen)
 
-    def open_tracks(self) -> list[int]:
-        return list(self.tracks)
 
 
 @dataclass

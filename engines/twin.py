@@ -69,9 +69,3 @@ def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str
     onnx.checker.check_model(merged)
     log.info("shared trunk: %d of %d nodes duplicated for the twin", dup, len(dense.graph.node))
     return merged
-
-
-def twin_node_fraction(pair: onnx.ModelProto) -> float:
-    """Fraction of the dense graph's nodes that the twin branch repeats."""
-    twin = sum(1 for n in pair.graph.node if n.name.startswith(TWIN))
-    return twin / max(1, len(pair.graph.node) - twin - 1)
