@@ -73,12 +73,12 @@ def _measure(form: str, batch: int, faces: int, recipe: str, threads: int | None
     return res
 
 
-def bench_score(recipe: str, batches: list[int], faces: int, threads: int | None, cache: Path | None,
+def bench_score(recipe: str | None, batches: list[int], faces: int, threads: int | None, cache: Path | None,
                 out: TextIO) -> list[dict]:
     from agent.models import FACENET
     from engines.prepare import prepare_fr
 
-    prepare_fr(FACENET, recipe, cache)  # once, outside the timed processes
+    recipe = str(prepare_fr(FACENET, recipe, cache).recipe)  # once, outside the timed processes
     out.write(f"# bestshot bench score: recipe {recipe}, threads {threads or 'all'}, "
               f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores\n")
     ref_ms, ref_rss = _measure("cv2.dnn", 1, max(8, faces // 4), recipe, threads, cache)

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 from agent.models import FACENET
-from engines.prepare import DEFAULT_RECIPE
+from engines.prepare import FACENET_RECIPE, GENERIC_RECIPE
 
 log = logging.getLogger("bestshot")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="take models, recipe and detector from this YAML configuration")
-    p.add_argument("--recipe", help=f"pruning recipe for the twin (default {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", help=f"pruning recipe for the twin (default: {FACENET_RECIPE} for FaceNet, "
+                                                  f"{GENERIC_RECIPE} for other models)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all cores)")
     p.add_argument("--cache", type=Path, default=None, help="prepared-model cache directory")
     p.add_argument("--detector", choices=["centerface", "yunet", "scrfd", "retinaface"], help="default centerface")
@@ -38,14 +39,15 @@ def _models(args):
 
 def cmd_score(args) -> int:
     from agent.detect import make_detector
-    from agent.ers import load_ers
+    from agent.ers_builtin import ensure_ers
     from agent.factory import build_scorer
     from agent.scoring_cli import score_paths
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     detector = None if args.aligned else make_detector(det)
-    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding, load_ers(prepared))
+    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding,
+                        ensure_ers(scorer, prepared, det))
     log.info("%d images, %d faces scored, %d files failed", stats.images, stats.faces, stats.failed)
     return 1 if stats.failed else 0
 
@@ -104,12 +106,12 @@ def cmd_bench_score(args) -> int:
         from agent.trt_runtime import bench_score_gpu
         from engines.prepare import prepare_fr
 
-        res = bench_score_gpu(prepare_fr(FACENET, args.recipe or DEFAULT_RECIPE, args.cache), args.backend,
+        res = bench_score_gpu(prepare_fr(FACENET, args.recipe, args.cache), args.backend,
                               [int(b) for b in args.batches.split(",")], max(args.faces, 256))
         sys.stdout.write(json.dumps(res, indent=2) + "\n")
         return 0
     batches = [int(b) for b in args.batches.split(",")]
-    bench_score(args.recipe or DEFAULT_RECIPE, batches, args.faces, args.threads, args.cache, sys.stdout)
+    bench_score(args.recipe, batches, args.faces, args.threads, args.cache, sys.stdout)
     return 0
 
 
@@ -192,12 +194,14 @@ def cmd_config_schema(args) -> int:
 
 def cmd_ers_calibrate(args) -> int:
     from agent.ers import calibrate_ers, captured_embeddings, save_ers
+    from agent.ers_builtin import builtin_ers
     from agent.factory import build_scorer
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     captured = captured_embeddings(args.captured, scorer) if args.captured else None
-    model = calibrate_ers(scorer, det, args.shared, max_people=args.max_people, captured=captured, seed=args.seed)
+    model = calibrate_ers(scorer, det, args.shared, max_people=args.max_people, captured=captured, seed=args.seed,
+                          compare=builtin_ers(scorer, det))
     log.info("saved %s", save_ers(prepared, model))
     sys.stdout.write(json.dumps(model.info, indent=2) + "\n")
     return 0
@@ -233,12 +237,13 @@ def cmd_tune(args) -> int:
 
 
 def cmd_eval_templates(args) -> int:
-    from agent.ers import evaluate_templates, load_ers
+    from agent.ers import evaluate_templates
+    from agent.ers_builtin import ensure_ers
     from agent.factory import build_scorer
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
-    res = evaluate_templates(scorer, det, args.shared, load_ers(prepared), max_people=args.max_people)
+    res = evaluate_templates(scorer, det, args.shared, ensure_ers(scorer, prepared, det), max_people=args.max_people)
     sys.stdout.write(json.dumps(res, indent=2) + "\n")
     return 0
 
@@ -246,17 +251,16 @@ def cmd_eval_templates(args) -> int:
 def cmd_curate(args) -> int:
     from agent.curate import curate
     from agent.detect import make_detector
+    from agent.diffprob import identity_floor
     from agent.ers import load_ers
+    from agent.ers_builtin import ensure_ers
     from agent.factory import build_scorer
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
-    ers = load_ers(prepared)
-    if args.drop_unrecognisable and ers is None:
-        log.error("--drop-unrecognisable needs a calibrated ERS for this model: run `bestshot ers calibrate` first")
-        return 2
+    ers = ensure_ers(scorer, prepared, det) if args.drop_unrecognisable else load_ers(prepared)
     report = curate(args.dir, args.out, scorer, make_detector(det), ers if args.drop_unrecognisable else None,
-                    args.eps, args.min_cos, floor=ers.identity_floor if ers else None)
+                    args.eps, args.min_cos, floor=identity_floor(ers))
     sys.stdout.write(json.dumps(report.get("summary", report), indent=2, default=str) + "\n")
     return 0
 

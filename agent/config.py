@@ -32,7 +32,6 @@ from agent.publish import PublisherConfig
 from agent.select import SelectionConfig
 from agent.track import TrackerConfig
 from agent.upstream import UpstreamOptions
-from engines.prepare import DEFAULT_RECIPE
 from engines.prune import Recipe
 from engines.trt_build import EngineOptions, Profile
 
@@ -56,14 +55,16 @@ class Model(BaseModel):
 
 class Models(Model):
     fr: FRSpec = Field(default_factory=FRSpec)
-    recipe: str = DEFAULT_RECIPE
+    recipe: str | None = Field(None, description="pruning recipe of the twin; null = the FR model's default "
+                               "(2:4/Bottleneck for the built-in FaceNet, 2:4@0.75-1 for others)")
     form: Literal["trunk", "separate"] = "trunk"
     cache_dir: Path | None = None
 
     @field_validator("recipe")
     @classmethod
-    def _recipe(cls, v: str) -> str:
-        Recipe.parse(v)
+    def _recipe(cls, v: str | None) -> str | None:
+        if v is not None:
+            Recipe.parse(v)
         return v
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from agent.align import align
 from agent.detect import Detector
-from agent.diffprob import DEFAULT_FLOOR, EPS, MIN_COS, diffprob, robust_centre
+from agent.diffprob import EPS, MIN_COS, diffprob, identity_floor, robust_centre
 from agent.ers import ErsModel, embed, largest_face
 from agent.images import ImageError, expand_paths, read_image
 from agent.score import Scorer
@@ -51,7 +51,7 @@ def curate(in_dir: Path, out_dir: Path, scorer: Scorer, detector: Detector, ers:
         raise FileNotFoundError(f"{in_dir}: no such folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty")
-    floor = floor if floor is not None else DEFAULT_FLOOR if ers is None else ers.identity_floor
+    floor = floor if floor is not None else identity_floor(ers)
     identities = sorted(p.name for p in in_dir.iterdir() if p.is_dir())
     items = [Item(name, path) for name in identities for path in expand_paths([in_dir / name])]
     log.info("curating %d images of %d identities from %s", len(items), len(identities), in_dir)

@@ -47,6 +47,11 @@ class Pruned:
     centre: np.ndarray
 
 
+def identity_floor(ers: ErsModel | None) -> float:
+    """The calibrated identity floor of the FR model, else DEFAULT_FLOOR."""
+    return DEFAULT_FLOOR if ers is None or ers.identity_floor is None else ers.identity_floor
+
+
 def robust_centre(emb: np.ndarray, floor: float, iters: int = 10) -> np.ndarray:
     """The normalised mean of the samples within `floor` (cosine) of it, grown from the medoid."""
     emb = l2n(emb)
@@ -103,9 +108,9 @@ def enrich_factory(ers: ErsModel | None, top_k: int, template_weights: str = "er
     if template_weights not in WEIGHTS:
         raise ValueError(f"unknown template weights {template_weights!r}: one of {WEIGHTS}")
     if template_weights == "ers" and ers is None:
-        log.warning("no calibrated ERS for this FR model (run `bestshot ers calibrate`): quality-weighted templates")
+        log.warning("no ERS for this FR model: quality-weighted templates")
         template_weights = "quality"
-    floor = DEFAULT_FLOOR if ers is None else ers.identity_floor
+    floor = identity_floor(ers)
 
     def enrich(best: Candidate, kept: list[Candidate]) -> dict:
         out: dict = {}

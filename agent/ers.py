@@ -7,7 +7,8 @@ a face whose ERS is below the threshold is unrecognisable. `calibrate_ers` build
 degraded crops of LFW faces that no longer match their identity, detector false positives on the shared videos
 and, optionally, the largest cluster of captured crops. It picks the threshold on a tuning split of LFW identities
 and reports the separation on the disjoint test split. The result is saved beside the FR model's manifest
-(`ers.json`: one per dense model, whatever the pruning recipe).
+(`ers.json`: one per dense model, whatever the pruning recipe). Without it, agent/ers_builtin.py builds one at first
+use from images inside the installed packages.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ TEST_VIDEOS = ("short_hamilton_clip.mp4",)
 class ErsModel:
     uic: np.ndarray  # (d,) unit vector
     threshold: float  # ERS below it: unrecognisable
-    match_threshold: float  # cosine similarity at FMR 1e-3 between clean faces of the tuning split
-    identity_floor: float  # cosine to an identity's centre that 90 % of other people's faces stay below (tuning)
+    match_threshold: float | None  # cosine similarity at FMR 1e-3 between clean faces of the tuning split
+    identity_floor: float | None  # cosine to an identity's centre that 90 % of other people's faces stay below
+    # (tuning split). Both None for the built-in calibration (agent/ers_builtin.py), which has no identities.
     info: dict = field(default_factory=dict)  # how it was built, counts, separation figures
 
     def scores(self, embs: np.ndarray) -> np.ndarray:
@@ -83,7 +85,8 @@ def load_ers(prepared: PreparedFR) -> ErsModel | None:
         log.warning("%s is stale (another dense model or format): ignored; run `bestshot ers calibrate`", path)
         return None
     info = {k: v for k, v in data.items() if k not in ("uic", *keys)}
-    return ErsModel(l2n(np.asarray(data["uic"], np.float32)[None])[0], *(float(data[k]) for k in keys), info)
+    return ErsModel(l2n(np.asarray(data["uic"], np.float32)[None])[0], float(data["threshold"]),
+                    *(None if data[k] is None else float(data[k]) for k in keys[1:]), info)
 
 
 def unit_mean(embs: np.ndarray) -> np.ndarray:
@@ -151,7 +154,7 @@ def degrade(crop: np.ndarray, severity: float, rng: np.random.Generator) -> np.n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _intersects(a: np.ndarray, b: np.ndarray) -> bool:
+def boxes_intersect(a: np.ndarray, b: np.ndarray) -> bool:
     return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
@@ -171,7 +174,7 @@ def false_positive_crops(videos: Sequence[Path], detector: Detector, scorer: Sco
                 dets = detector.detect(frame)
                 faces = [d.bbox for d in dets if d.score >= face_score]
                 crops += [align(frame, d, scorer.spec) for d in dets if d.score < max_score and d.size >= min_size
-                          and not any(_intersects(d.bbox, f) for f in faces)]
+                          and not any(boxes_intersect(d.bbox, f) for f in faces)]
             i += 1
         cap.release()
     return crops
@@ -296,12 +299,14 @@ def _split(groups: list[list[Path]], videos: Sequence[Path], stills: Detector, l
 
 def calibrate_ers(scorer: Scorer, det_spec: DetectorSpec, shared: Path, per_person: int = 3,
                   max_people: int | None = None, captured: np.ndarray | None = None, seed: int = 0,
-                  severe: tuple[float, float] = (0.8, 1.0), fp_every: int = 20) -> ErsModel:
+                  severe: tuple[float, float] = (0.8, 1.0), fp_every: int = 20,
+                  compare: ErsModel | None = None) -> ErsModel:
     """Build the UIC and the thresholds from the shared data (`shared/`: LFW and videos), see the module doc.
 
     LFW people with 2+ images (at most `per_person` images each, `max_people` people per split) are split by
     sorted name into tuning (even) and test (odd) identities; the videos in TUNE_VIDEOS and TEST_VIDEOS (every
-    `fp_every`-th frame) give each split its false positives. `captured`: embeddings of captured crops whose
+    `fp_every`-th frame) give each split its false positives. `compare`: another ERS model to report on the same
+    test split. `captured`: embeddings of captured crops whose
     largest cluster (the "no identity" cluster) joins the unrecognisable set. Recognisable = a clean face matched
     by another image of its person at FMR 1e-3; unrecognisable = a severely degraded crop matched by none, or a
     false positive."""
@@ -326,6 +331,7 @@ def calibrate_ers(scorer: Scorer, det_spec: DetectorSpec, shared: Path, per_pers
                                          model.scores(tune.unrecognisable))
     gen, imp = centre_cosines(test.clean)
     model.info = {
+        "source": "lfw",
         "built": {"method": "UIC = normalised mean of unrecognisable embeddings (Deng et al.)",
                   "unrecognisable": f"LFW crops degraded at severity {severe[0]}-{severe[1]} that match no other "
                                     f"image of their person at FMR {FMR:g}; detector false positives (score < 0.3, "
@@ -347,6 +353,10 @@ def calibrate_ers(scorer: Scorer, det_spec: DetectorSpec, shared: Path, per_pers
                        "test_identity_floor": {"genuine_below": round(float((gen < model.identity_floor).mean()), 4),
                                                "impostor_below": round(float((imp < model.identity_floor).mean()), 4)}},
     }
+    if compare is not None:  # another calibration (the built-in one), judged on the same test split
+        model.info["separation"]["test_other_calibration"] = {
+            "source": compare.info.get("source"), "threshold": round(compare.threshold, 4),
+            "cos_uic": round(float(compare.uic @ model.uic), 4), **_separation(compare, test)}
     log.info("ERS threshold %.3f, test AUC %.4f; identity floor %.3f", model.threshold,
              model.info["separation"]["test"]["auc"], model.identity_floor)
     return model

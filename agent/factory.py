@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.backend import OnnxRuntimeBackend, OnnxRuntimeCudaBackend, require_cuda_provider, select_backend
 from agent.models import FRSpec
 from agent.score import EmbeddingPair, Scorer, SeparateTwins, SharedTrunk
-from engines.prepare import DEFAULT_RECIPE, PreparedFR, prepare_fr
+from engines.prepare import PreparedFR, prepare_fr
 from engines.trt_build import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def build_pair(prepared: PreparedFR, form: str = "trunk", threads: int | None = 
 
 def build_scorer(
     spec: FRSpec,
-    recipe: str = DEFAULT_RECIPE,
+    recipe: str | None = None,
     form: str = "trunk",
     threads: int | None = None,
     max_batch: int = 32,

@@ -78,7 +78,7 @@ def score_paths(
             continue
         for i, (det, s) in enumerate(zip(dets, scorer.score(crops), strict=True)):
             rec = _face_record(path, i, det, s, with_embedding)
-            if ers is not None:  # calibrated with `bestshot ers calibrate`
+            if ers is not None:
                 rec["ers"] = round(ers.score(s.embedding), 4)
             if as_json:
                 out.write(json.dumps(rec) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 from agent import notify
 from agent.config import Config, ConfigError, load_config, to_camera
 from agent.diffprob import enrich_factory
-from agent.ers import load_ers
+from agent.ers_builtin import ensure_ers
 from agent.factory import build_scorer
 from agent.keys import KeyFileError
 from agent.metrics import Liveness, Metrics, serve
@@ -48,10 +48,11 @@ class Agent:
         m = cfg.models
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
                                                   m.cache_dir, cfg.backend, cfg.engines)
+        # ERS of the best shot, the track template and DiffProb's diverse shots
+        ers = ensure_ers(self.scorer, self.prepared, cfg.defaults.detector)
+        enrich = enrich_factory(ers, cfg.scoring.shots, cfg.scoring.template_weights)
         self.publisher = Publisher(cfg.publisher_config())
         log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
-        # ERS of the best shot (when calibrated), the track template and DiffProb's diverse shots
-        enrich = enrich_factory(load_ers(self.prepared), cfg.scoring.shots, cfg.scoring.template_weights)
         self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
                                  trace=trace, tick=self.publisher.pump, enrich=enrich)
 

@@ -26,8 +26,15 @@ from engines.twin import shared_trunk
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-# The default recipe: 2:4 on the deepest quarter of the eligible layers (see docs/QUALITY.md).
-DEFAULT_RECIPE = "2:4@0.75-1"
+# Default recipes, chosen by `bestshot tune` (docs/QUALITY.md). The built-in FaceNet: 2:4 on its bottleneck (the
+# final 1792->512 projection) only; the twin branch costs 0.06 % of the dense multiply-accumulates. Other FR models
+# have no layer of that name: 2:4 on the deepest quarter of their eligible layers, the best depth range tune found.
+FACENET_RECIPE = "2:4/Bottleneck"
+GENERIC_RECIPE = "2:4@0.75-1"
+
+
+def default_recipe(spec: FRSpec) -> str:
+    return FACENET_RECIPE if spec.path is None else GENERIC_RECIPE
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
@@ -68,8 +75,10 @@ def _dense_model(spec: FRSpec, source: Path, dst: Path) -> None:
     save_onnx(normalise_fr_model(onnx.load(str(source)), spec.output), dst)
 
 
-def prepare_fr(spec: FRSpec, recipe: Recipe | str = DEFAULT_RECIPE, root: Path | None = None) -> PreparedFR:
-    """Prepare (or reuse) the dense model, the pruned twin and the shared-trunk pair for `recipe`."""
+def prepare_fr(spec: FRSpec, recipe: Recipe | str | None = None, root: Path | None = None) -> PreparedFR:
+    """Prepare (or reuse) the dense model, the pruned twin and the shared-trunk pair for `recipe` (None: the
+    model's default recipe)."""
+    recipe = recipe or default_recipe(spec)
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     source = fr_source(spec)
     source_sha = sha256_file(source)

@@ -16,7 +16,7 @@ from agent.factory import build_pair, build_scorer
 from agent.models import FACENET
 from agent.score import SeparateTwins, SharedTrunk
 from agent.trt_runtime import GpuInfo, GpuUnavailable
-from engines.prepare import DEFAULT_RECIPE, prepare_fr
+from engines.prepare import FACENET_RECIPE, prepare_fr
 from engines.trt_build import EngineError
 
 
@@ -132,9 +132,9 @@ def test_cuda_provider_without_a_device_falls_through(prepared, monkeypatch, cap
 
 
 def test_build_scorer_keeps_its_positional_signature(no_gpu_stack):
-    scorer, prepared = build_scorer(FACENET, DEFAULT_RECIPE, "trunk", None, 16, None)
+    scorer, prepared = build_scorer(FACENET, FACENET_RECIPE, "trunk", None, 16, None)
     assert scorer.max_batch == 16 and scorer.pair.backend.name == "onnxruntime"
-    scorer, _ = build_scorer(FACENET, DEFAULT_RECIPE, backend="onnxruntime")
+    scorer, _ = build_scorer(FACENET, FACENET_RECIPE, backend="onnxruntime")
     assert isinstance(scorer.pair, SharedTrunk)
     with pytest.raises(ValueError, match="unknown scoring form"):
         build_pair(prepared, "both")

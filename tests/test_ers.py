@@ -1,5 +1,6 @@
 """ERS calibrated on real data (LFW, detector false positives on the shared videos), checked on held-out
-identities; track templates against single frames on LFW pseudo-tracks."""
+identities; the built-in calibration (packaged images only) against it; track templates against single frames on
+LFW pseudo-tracks."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from agent.ers import (
     template,
     template_of,
 )
+from agent.ers_builtin import builtin_ers, ensure_ers
 from agent.factory import build_scorer
 from agent.models import FACENET
 from agent.select import Candidate
@@ -107,9 +109,10 @@ def test_templates_beat_the_best_single_frame(setup, shared_dir):
     res = evaluate_templates(scorer, DetectorSpec(), shared_dir, model, max_people=30, draws=2)
     m = res["methods"]
     assert res["counts"]["genuine"] >= 50
-    # AUC (thousands of impostors) is stable at this size; TAR at FMR 1e-3 rests on a handful of impostors here,
-    # so the TAR figures come from the full run (see the report), not from this test
-    assert m["template_ers"]["auc"] > m["best_frame_quality"]["auc"]
+    # TAR at FMR 1e-2 (about 17 impostors may match at this size) is stable here; at FMR 1e-3 it would rest on one
+    # or two, so those figures come from the full run (docs/QUALITY.md). The full run: template 0.955 against 0.885
+    # for the best frame by quality; their AUCs are too close (0.987 vs 0.986) to order on 30 people.
+    assert m["template_ers"]["tar_at_fmr_1e-2"] > m["best_frame_quality"]["tar_at_fmr_1e-2"]
     assert m["template_ers"]["auc"] >= m["mean"]["auc"] and m["template_quality"]["auc"] >= m["mean"]["auc"]
     # the Candidate form equals the array form; unknown weights are refused
     det = Detection(np.zeros(4, np.float32), 1.0)
@@ -122,3 +125,36 @@ def test_templates_beat_the_best_single_frame(setup, shared_dir):
         template(kept, "ers")
     with pytest.raises(ValueError, match="unknown"):
         template(kept, "median")
+
+
+@pytest.fixture(scope="module")
+def builtin(setup):
+    return builtin_ers(setup[0], DetectorSpec())
+
+
+def test_builtin_ers_separates_held_out_lfw_faces(setup, builtin):
+    """Built from the packages' three face photos and their non-face images only, it must sort held-out LFW faces
+    from their severely degraded copies and from LFW's false positives as the LFW calibration does."""
+    scorer, _, lfw, held_out, _ = setup
+    assert builtin.info["source"] == "builtin" and builtin.match_threshold is None and builtin.identity_floor is None
+    assert float(builtin.uic @ lfw.uic) >= 0.9  # the same direction in embedding space
+    rng = np.random.default_rng(3)
+    deg_emb = embed(scorer, [degrade(c, rng.uniform(0.8, 1.0), rng) for c in held_out.crops])[0]
+    clean, degraded = builtin.scores(held_out.emb), builtin.scores(deg_emb)
+    assert (clean >= builtin.threshold).mean() >= 0.9 and (degraded < builtin.threshold).mean() >= 0.9
+    mild = embed(scorer, [degrade(c, rng.uniform(0.0, 1.0), rng) for c in held_out.crops])[0]
+    both = np.concatenate([held_out.emb, deg_emb, mild])  # both calibrations order the faces nearly alike
+    assert np.corrcoef(builtin.scores(both), lfw.scores(both))[0, 1] >= 0.95
+
+
+def test_ensure_ers_builds_once_and_yields_to_a_calibration(setup, builtin, tmp_path):
+    scorer, prepared, lfw, _, _ = setup
+    mine = dataclasses.replace(prepared, dir=tmp_path / "fr" / "recipe")
+    mine.dir.mkdir(parents=True)
+    first = ensure_ers(scorer, mine, DetectorSpec())  # nothing saved: built now, saved
+    assert first.info["source"] == "builtin" and np.allclose(first.uic, builtin.uic, atol=1e-5)
+    saved = (tmp_path / "fr" / "ers.json").stat().st_mtime_ns
+    again = ensure_ers(scorer, mine, DetectorSpec())
+    assert (tmp_path / "fr" / "ers.json").stat().st_mtime_ns == saved and again.threshold == first.threshold
+    save_ers(mine, lfw)  # `bestshot ers calibrate` replaces it
+    assert ensure_ers(scorer, mine, DetectorSpec()).info["source"] == "lfw"

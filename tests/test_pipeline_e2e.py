@@ -89,6 +89,8 @@ def check_messages(msgs: list[dict], trace: Path) -> None:
         template = np.array(m["extra"]["template"])  # the track's template over its best frames
         assert template.shape == (512,) and abs(np.linalg.norm(template) - 1) < 1e-3
         assert 1 <= m["extra"]["template_frames"] <= min(8, len(cands))
+        # ERS without any calibration run: the built-in one, made at start from the packages' images
+        assert 0.0 <= m["extra"]["ers"] <= 2.0 and isinstance(m["extra"]["recognisable"], bool)
 
 
 def test_file_source_end_to_end(shared_dir, tmp_path):

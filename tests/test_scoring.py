@@ -19,7 +19,7 @@ from agent.detect import DetectorSpec, make_detector
 from agent.factory import build_pair, build_scorer
 from agent.models import FACENET, preprocess
 from agent.score import l2n
-from engines.prepare import prepare_fr
+from engines.prepare import GENERIC_RECIPE, prepare_fr
 from engines.prune import is_24, prunable_layers
 
 
@@ -65,7 +65,7 @@ def test_saved_twin_is_exactly_24_and_the_rest_bit_identical():
     twin = {t.name: numpy_helper.to_array(t) for t in twin_model.graph.initializer}
     axes = {p.weight: p.axis for p in prunable_layers(twin_model)}
     pruned = prepared.manifest["sparsity"]
-    assert len(pruned) == prepared.manifest["layers_pruned"] > 10
+    assert len(pruned) == prepared.manifest["layers_pruned"] >= 1
     assert prepared.manifest["pattern_2_4_verified"] is True
     for name, w in twin.items():
         if name in pruned:
@@ -136,9 +136,9 @@ DEGRADE = {
 }
 
 
-# Measured on 60 other LFW people with the default recipe (2:4 on the deepest quarter): quality fell for
-# 95 % (blur), 78 % (downscale) and 57 % (noise) of faces; docs/QUALITY.md has every recipe's figures.
-@pytest.mark.parametrize("kind,min_frac", [("blur", 0.85), ("downscale", 0.65), ("noise", 0.45)])
+# Measured on 60 other LFW people with the default recipe (2:4 on the bottleneck): quality fell for 98 % (blur),
+# 88 % (downscale) and 57 % (noise) of faces; docs/QUALITY.md has every recipe's figures.
+@pytest.mark.parametrize("kind,min_frac", [("blur", 0.85), ("downscale", 0.75), ("noise", 0.45)])
 def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
     scorer, _ = build_scorer(FACENET)
     falls = 0
@@ -152,7 +152,8 @@ def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
     assert frac >= min_frac
 
 
-@pytest.mark.parametrize("recipe,min_rho", [("2:4@0.75-1", 0.35), ("unstructured:0.4", 0.35)])
+@pytest.mark.parametrize("recipe,min_rho", [("2:4/Bottleneck", 0.45), ("2:4@0.75-1", 0.35),
+                                             ("unstructured:0.4", 0.35)])
 def test_quality_tracks_true_utility(lfw_faces, recipe, min_rho):
     """Utility of a degraded copy of image 1 = its dense similarity to the person's clean image 2."""
     scorer, _ = build_scorer(FACENET, recipe)
@@ -247,13 +248,14 @@ def test_hostile_images_do_not_crash(shared_dir, tmp_path):
 
 
 def test_score_cli_with_configured_models(shared_dir, tmp_path):
-    """Another ArcFace-style FR model and another detector, by configuration only."""
+    """Another ArcFace-style FR model and another detector, by configuration only; with no recipe given the model
+    gets the generic default (it has no FaceNet bottleneck layer)."""
     import yaml
 
     models = shared_dir / "models"
     cfg = {"models": {"fr": {"name": "mobilefacenet", "path": str(models / "mobilefacenet_128d.onnx"),
                              "input_size": 112, "crop": "template", "margin": 0.0, "normalize": "meanstd",
-                             "mean": [127.5] * 3, "std": [127.5] * 3}, "recipe": "2:4@0.5-1"},
+                             "mean": [127.5] * 3, "std": [127.5] * 3}},
            "defaults": {"detector": {"kind": "yunet", "path": str(models / "yunet_s_dynamic.onnx")}},
            "cameras": [{"id": "unused", "url": "unused"}]}
     path = tmp_path / "models.yaml"
@@ -267,5 +269,5 @@ def test_score_cli_with_configured_models(shared_dir, tmp_path):
     assert all(0 < rec["quality"] < 1 for rec in recs)
     r = run_cli("models", "--config", str(path), "--json")
     report = json.loads(r.stdout)
-    assert report["fr"]["name"] == "mobilefacenet" and report["fr"]["recipe"] == "2:4@0.5-1"
+    assert report["fr"]["name"] == "mobilefacenet" and report["fr"]["recipe"] == GENERIC_RECIPE
     assert report["fr"]["pattern_2_4_verified"] is True and report["detector"]["path"].endswith("yunet_s_dynamic.onnx")

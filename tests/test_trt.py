@@ -28,7 +28,7 @@ from agent.models import FACENET, preprocess
 from agent.score import l2n, prefiqs
 from agent.trt_runtime import GpuInfo, GpuUnavailable, parse_nvidia_smi
 from engines.fp16 import fp16_model_path, to_fp16
-from engines.prepare import DEFAULT_RECIPE, PreparedFR, prepare_fr
+from engines.prepare import FACENET_RECIPE, PreparedFR, prepare_fr
 from engines.prune import Recipe, is_24, prunable_layers
 from engines.trt_build import (
     EngineError,
@@ -62,8 +62,8 @@ def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def fake_prepared(tmp_path: Path) -> PreparedFR:
     rdir = tmp_path / "fr" / "facenet-0123456789ab" / "2_4_0.75-1"
     rdir.mkdir(parents=True)
-    man = {"dense_sha256": "d" * 64, "twin_sha256": "t" * 64, "recipe": DEFAULT_RECIPE}
-    return PreparedFR(FACENET, Recipe.parse(DEFAULT_RECIPE), rdir.parent / "dense.onnx", rdir / "twin.onnx",
+    man = {"dense_sha256": "d" * 64, "twin_sha256": "t" * 64, "recipe": FACENET_RECIPE}
+    return PreparedFR(FACENET, Recipe.parse(FACENET_RECIPE), rdir.parent / "dense.onnx", rdir / "twin.onnx",
                       rdir / "pair.onnx", man, rdir)
 
 
@@ -103,7 +103,7 @@ def test_engine_fields_key_everything_that_invalidates_a_plan(fake_prepared):
     dense = engine_fields(fake_prepared, "dense", EngineOptions(), *ENV)
     sparse = engine_fields(fake_prepared, "sparse", EngineOptions(), *ENV)
     assert dense["recipe"] is None and dense["onnx_sha256"] == "d" * 64
-    assert sparse["recipe"] == DEFAULT_RECIPE and sparse["onnx_sha256"] == "t" * 64
+    assert sparse["recipe"] == FACENET_RECIPE and sparse["onnx_sha256"] == "t" * 64
     assert dense["profile"] == [1, 32, 128] and dense["typing"] == "weak" and dense["fp16_export"] is None
     assert engine_fields(fake_prepared, "dense", EngineOptions(), "11.3.0", *ENV[1:])["fp16_export"] == 1
     assert mismatches(None, dense) == ["no engine built yet"]

@@ -1,0 +1,140 @@
+"""An ERS for any FR model, calibrated at first use from images that ship inside the installed packages, so that
+every scored face and every message carries ERS without a data set (`bestshot ers calibrate` on LFW replaces it).
+
+Unrecognisable material (the UIC is its normalised mean embedding, as in Deng et al.):
+- the three face photos of the packages (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper), each
+  aligned crop degraded `degraded_draws` times at severity 0.8-1.0 (agent.ers.degrade);
+- scikit-image's 100 LFW non-face patches (the negatives of its face-detection example);
+- the detector's false positives (score < 0.3, touching no face) on the packages' other photos, and random square
+  crops of those photos: what a drifting track or a spurious detection hands the scorer.
+Recognisable material, for the threshold: the three aligned faces and `positive_draws` light variants of each
+(mirror, rotation up to 10 degrees, scale 0.92-1.08, shift up to 4 %, degradation severity up to 0.2). The
+threshold is the max-balanced-accuracy cut between the two sets. docs/QUALITY.md compares the result with the LFW
+calibration on LFW's test split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from matplotlib import cbook
+from skimage import data as skdata
+
+from agent.align import align
+from agent.cache import locked
+from agent.detect import DetectorSpec, make_detector
+from agent.ers import (
+    ErsModel,
+    balanced_threshold,
+    boxes_intersect,
+    degrade,
+    embed,
+    ers_path,
+    largest_face,
+    load_ers,
+    save_ers,
+    unit_mean,
+)
+from agent.score import Scorer
+
+if TYPE_CHECKING:
+    from engines.prepare import PreparedFR
+
+log = logging.getLogger(__name__)
+
+SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "text", "page", "coins", "hubble_deep_field",
+          "horse", "cell", "immunohistochemistry", "moon", "logo", "clock", "colorwheel")
+
+
+def _bgr(image: np.ndarray) -> np.ndarray:
+    """scikit-image's RGB / grey / float arrays as 8-bit BGR."""
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        x = np.clip(x * 255.0 if x.max() <= 1.0 else x, 0, 255).astype(np.uint8)
+    if x.ndim == 2:
+        return cv2.cvtColor(x, cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(x, cv2.COLOR_RGBA2BGR if x.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+
+
+def face_photos() -> list[np.ndarray]:
+    hopper = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    return [_bgr(skdata.astronaut()), _bgr(skdata.camera()), hopper]
+
+
+def scenes() -> list[np.ndarray]:
+    return [_bgr(getattr(skdata, name)()) for name in SCENES]
+
+
+def _light_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    size = crop.shape[0]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    m = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-10, 10), rng.uniform(0.92, 1.08))
+    m[:, 2] += rng.uniform(-0.04, 0.04, 2) * size
+    warped = cv2.warpAffine(np.ascontiguousarray(crop), m, (size, size), borderMode=cv2.BORDER_REFLECT)
+    return degrade(warped, rng.uniform(0.0, 0.2), rng)
+
+
+def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,
+                degraded_draws: int = 30, background: int = 60) -> ErsModel:
+    """Build the UIC and threshold from the packages' images (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    size, spec = scorer.spec.input_size, scorer.spec
+    detector, low = make_detector(det_spec), make_detector(replace(det_spec, score_threshold=0.05))
+    faces = []
+    for photo in face_photos():
+        det = largest_face(photo, detector)
+        if det is None:
+            raise RuntimeError(f"the {det_spec.kind} detector finds none of the packages' face photos")
+        faces.append(align(photo, det, spec))
+    positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
+    degraded = [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
+    patches = [cv2.resize(_bgr(p), (size, size), interpolation=cv2.INTER_LINEAR) for p in skdata.lfw_subset()[100:]]
+    false_pos, crops = [], []
+    photos = scenes()
+    for photo in photos + face_photos():
+        boxes = [d.bbox for d in detector.detect(photo)]
+        false_pos += [align(photo, d, spec) for d in low.detect(photo)
+                      if d.score < 0.3 and not any(boxes_intersect(d.bbox, b) for b in boxes)]
+    for _ in range(background):
+        photo = photos[rng.integers(len(photos))]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.1, 0.5) * min(h, w))
+        y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+        crops.append(cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA))
+    pos = embed(scorer, positive)[0]
+    neg = embed(scorer, degraded + patches + false_pos + crops)[0]
+    model = ErsModel(unit_mean(neg), 0.0, None, None)
+    model.threshold = balanced_threshold(model.scores(pos), model.scores(neg))
+    pos_s, neg_s = model.scores(pos), model.scores(neg)
+    model.info = {
+        "source": "builtin",
+        "built": {"method": "UIC = normalised mean of unrecognisable embeddings (Deng et al.), from images inside "
+                            "the installed packages (agent/ers_builtin.py)",
+                  "detector": det_spec.kind, "seed": seed},
+        "counts": {"recognisable": len(positive), "degraded": len(degraded), "non_face_patches": len(patches),
+                   "false_positives": len(false_pos), "background_crops": len(crops)},
+        "separation": {"calibration": {
+            "recognisable_kept": round(float((pos_s >= model.threshold).mean()), 4),
+            "unrecognisable_rejected": round(float((neg_s < model.threshold).mean()), 4),
+            "ers_mean_recognisable": round(float(pos_s.mean()), 4),
+            "ers_mean_unrecognisable": round(float(neg_s.mean()), 4)}},
+    }
+    log.info("built-in ERS for %s: threshold %.3f from %d recognisable and %d unrecognisable crops",
+             scorer.model_id, model.threshold, len(pos), len(neg))
+    return model
+
+
+def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel:
+    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one), else a
+    built-in one, built now and saved beside the model."""
+    with locked(ers_path(prepared)):
+        model = load_ers(prepared)
+        if model is None:
+            model = builtin_ers(scorer, det_spec)
+            log.info("saved %s (`bestshot ers calibrate` on LFW replaces it)", save_ers(prepared, model))
+    return model
