@@ -34,7 +34,6 @@ from agent.ers import (
     degrade,
     embed,
     ers_path,
-    largest_face,
     load_ers,
     save_ers,
     unit_mean,
@@ -46,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FACE_SCORE = 0.5
 SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "text", "page", "coins", "hubble_deep_field",
           "horse", "cell", "immunohistochemistry", "moon", "logo", "clock", "colorwheel")
 
@@ -84,10 +84,10 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     """Build the UIC and threshold from the packages' images (see the module doc)."""
     rng = np.random.default_rng(seed)
     size, spec = scorer.spec.input_size, scorer.spec
-    detector, low = make_detector(det_spec), make_detector(replace(det_spec, score_threshold=0.05))
+    low = make_detector(replace(det_spec, score_threshold=0.05))  # one session: faces are its detections >= 0.5
     faces = []
     for photo in face_photos():
-        det = largest_face(photo, detector)
+        det = max((d for d in low.detect(photo) if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
         if det is None:
             raise RuntimeError(f"the {det_spec.kind} detector finds none of the packages' face photos")
         faces.append(align(photo, det, spec))
@@ -97,8 +97,9 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     false_pos, crops = [], []
     photos = scenes()
     for photo in photos + face_photos():
-        boxes = [d.bbox for d in detector.detect(photo)]
-        false_pos += [align(photo, d, spec) for d in low.detect(photo)
+        dets = low.detect(photo)
+        boxes = [d.bbox for d in dets if d.score >= FACE_SCORE]
+        false_pos += [align(photo, d, spec) for d in dets
                       if d.score < 0.3 and not any(boxes_intersect(d.bbox, b) for b in boxes)]
     for _ in range(background):
         photo = photos[rng.integers(len(photos))]
@@ -106,8 +107,10 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
         side = int(rng.uniform(0.1, 0.5) * min(h, w))
         y, x = rng.integers(0, h - side), rng.integers(0, w - side)
         crops.append(cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA))
-    pos = embed(scorer, positive)[0]
-    neg = embed(scorer, degraded + patches + false_pos + crops)[0]
+    # in small batches: ONNX Runtime's arena keeps what the largest batch took, for the life of the agent
+    small = Scorer(scorer.spec, scorer.pair, min(scorer.max_batch, 4), scorer.model_id)
+    pos = embed(small, positive)[0]
+    neg = embed(small, degraded + patches + false_pos + crops)[0]
     model = ErsModel(unit_mean(neg), 0.0, None, None)
     model.threshold = balanced_threshold(model.scores(pos), model.scores(neg))
     pos_s, neg_s = model.scores(pos), model.scores(neg)
