@@ -27,6 +27,7 @@ from scipy.stats import rankdata
 from agent.align import align
 from agent.cache import read_json, write_json
 from agent.detect import Detector, DetectorSpec, make_detector
+from agent.edc import threshold_at_fmr
 from agent.images import ImageError, expand_paths, read_image
 from agent.score import Scorer, l2n
 from agent.types import Detection
@@ -110,13 +111,8 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def threshold_at_fmr(impostor: np.ndarray, fmr: float = FMR) -> float:
-    """The score a comparison must exceed to match, so that at most `fmr` of the impostors do."""
-    return float(np.sort(impostor)[::-1][int(fmr * len(impostor))])
-
-
 def tar_at_fmr(genuine: np.ndarray, impostor: np.ndarray, fmr: float = FMR) -> float:
-    return float((genuine > threshold_at_fmr(impostor, fmr)).mean())
+    return float((genuine >= threshold_at_fmr(impostor, fmr)).mean())
 
 
 def balanced_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -290,11 +286,11 @@ def _split(groups: list[list[Path]], videos: Sequence[Path], stills: Detector, l
            severe: tuple[float, float], fp_every: int, rng: np.random.Generator,
            match_threshold: float | None = None) -> _Split:
     clean = face_set(groups, stills, scorer)
-    thr = threshold_at_fmr(impostor_scores(clean)) if match_threshold is None else match_threshold
+    thr = threshold_at_fmr(impostor_scores(clean), FMR) if match_threshold is None else match_threshold
     deg, _ = embed(scorer, [degrade(c, rng.uniform(*severe), rng) for c in clean.crops])
     fps = false_positive_crops(videos, low, scorer, fp_every)
     fp_emb = embed(scorer, fps)[0] if fps else np.zeros((0, clean.emb.shape[1]), np.float32)
-    return _Split(clean, thr, best_genuine(clean.emb, clean) > thr, deg[best_genuine(deg, clean) <= thr], fp_emb)
+    return _Split(clean, thr, best_genuine(clean.emb, clean) >= thr, deg[best_genuine(deg, clean) < thr], fp_emb)
 
 
 def calibrate_ers(scorer: Scorer, det_spec: DetectorSpec, shared: Path, per_person: int = 3,
@@ -381,7 +377,7 @@ def _by_severity(model: ErsModel, s: _Split, scorer: Scorer, rng: np.random.Gene
     sev = rng.uniform(0, 1, len(s.clean.crops))
     emb, quality = embed(scorer, [degrade(c, v, rng) for c, v in zip(s.clean.crops, sev, strict=True)])
     ers = model.scores(emb)
-    matched = best_genuine(emb, s.clean) > s.match_threshold
+    matched = best_genuine(emb, s.clean) >= s.match_threshold
     band = np.minimum((sev * levels).astype(int), levels - 1)
     rows = [{"severity": f"{b / levels:.1f}-{(b + 1) / levels:.1f}", "n": int((band == b).sum()),
              "ers_mean": round(float(ers[band == b].mean()), 4),

@@ -91,8 +91,10 @@ def score_paths(
 
 
 def models_report(prepared, detector_path: Path | None) -> dict:
-    """What `bestshot models` shows: each model file, its sha256, input spec, recipe and sparsity."""
+    """What `bestshot models` shows: each model file, its sha256, input spec, recipe and sparsity, and the ERS
+    calibration saved beside it (None until the first run or `bestshot ers calibrate`)."""
     from agent.cache import sha256_file
+    from agent.ers import ers_path, load_ers
 
     spec, man = prepared.spec, prepared.manifest
     sparsity = man.get("sparsity", {})
@@ -113,6 +115,9 @@ def models_report(prepared, detector_path: Path | None) -> dict:
         },
         "source_sha256": man["source_sha256"],
     }
+    ers = load_ers(prepared)
+    fr["ers"] = None if ers is None else {"source": ers.info.get("source"), "threshold": round(ers.threshold, 4),
+                                          "path": str(ers_path(prepared))}
     out = {"fr": fr}
     if detector_path is not None:
         out["detector"] = {"path": str(detector_path), "sha256": sha256_file(detector_path)}
@@ -129,6 +134,9 @@ def print_models(report: dict, out: TextIO = sys.stdout) -> None:
     )
     for kind, f in fr["files"].items():
         out.write(f"  {kind:6s} {f['path']}  sha256 {f['sha256'][:16]}\n")
+    ers = fr["ers"]
+    out.write(f"  ERS    {ers['path']}  {ers['source']} calibration, threshold {ers['threshold']}\n" if ers
+              else "  ERS    not calibrated yet (built at the first run, or `bestshot ers calibrate`)\n")
     if "detector" in report:
         d = report["detector"]
         out.write(f"detector {d['path']}  sha256 {d['sha256'][:16]}\n")

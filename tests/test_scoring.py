@@ -268,7 +268,9 @@ def test_score_cli_with_configured_models(shared_dir, tmp_path):
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(recs) == 3 and all(len(rec["embedding"]) == 128 for rec in recs)
     assert all(0 < rec["quality"] < 1 for rec in recs)
+    assert all(rec["ers"] > 0.8 for rec in recs)  # clean faces, by this model's own built-in ERS
     r = run_cli("models", "--config", str(path), "--json")
     report = json.loads(r.stdout)
     assert report["fr"]["name"] == "mobilefacenet" and report["fr"]["recipe"] == GENERIC_RECIPE
     assert report["fr"]["pattern_2_4_verified"] is True and report["detector"]["path"].endswith("yunet_s_dynamic.onnx")
+    assert report["fr"]["ers"]["source"] == "builtin"  # built for this model (YuNet, template crops) by `score`
