@@ -221,7 +221,7 @@ def cmd_eval_tracks(args) -> int:
 
     video = None if args.no_video else args.shared / "data/video/short_hamilton_clip.mp4"
     res = eval_tracks(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", video=video, seed=args.seed,
-                      synthetic=args.synthetic, threads=args.threads, cache=args.cache)
+                      synthetic=args.synthetic, threads=args.threads, cache=args.cache, demo=args.demo)
     log.info("wrote %s (%.0f s)", args.out / "tracks.md", res["seconds"])
     return 0
 
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="quality evidence on the shared data (docs/QUALITY.md)")
     ev = ev.add_subparsers(dest="eval_command", required=True)
-    recipes = "2:4@0.75-1,2:4@0.5-1,unstructured:0.4"
+    recipes = "2:4/Bottleneck,2:4@0.75-1,unstructured:0.4"
     for name, func, helptext in [("pairs", cmd_eval_pairs, "EDC and pAUC on LFW DevTest pairs, clean and degraded"),
                                  ("tracks", cmd_eval_tracks, "best-shot selection on synthetic and real tracks")]:
         p = ev.add_parser(name, help=helptext)
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--synthetic", type=int, default=120, help="synthetic LFW tracks")
             p.add_argument("--no-video", action="store_true", help="skip the real clip")
+            p.add_argument("--demo", action="store_true", help="also the embedded demo clip (its photos enrol)")
         p.add_argument("--threads", type=int)
         p.add_argument("--cache", type=Path)
         p.set_defaults(func=func)

@@ -36,10 +36,13 @@ from agent.align import align
 from agent.backend import OnnxRuntimeBackend
 from agent.baselines import LightQNet, lightqnet_crop, random_quality, rank_fusion
 from agent.degrade import KINDS, Degradation, degrade, map_box, map_points, random_degradation
+from agent.demo import demo_clip_path, people
 from agent.detect import DetectorSpec, make_detector
 from agent.edc import bootstrap_pauc, edc, fmr_supported, pair_quality, threshold_at_fmr
+from agent.ers import ErsModel
+from agent.ers_builtin import builtin_ers
 from agent.models import FACENET, FRSpec, preprocess
-from agent.score import SharedTrunk, l2n, prefiqs
+from agent.score import Scorer, SharedTrunk, l2n, prefiqs
 from agent.select import sharpness
 from agent.track import Tracker, iou_matrix
 from agent.types import Detection
@@ -195,6 +198,7 @@ class Evaluator:
         self._dense: dict[str, np.ndarray] = {}
         self._quality: dict[tuple[str, str], float] = {}
         self._calibration: np.ndarray | None = None
+        self._ers: ErsModel | None = None
 
     # --- faces
     def clean(self, img: LfwImage) -> tuple[np.ndarray, Detection]:
@@ -290,15 +294,24 @@ class Evaluator:
 
     def methods(self, faces: Faces, recipes: Sequence[str], seed: int, fusion: bool = True) -> dict[str, np.ndarray]:
         """Every method's quality per face: PreFIQs per recipe, random, the cheap signals, and (with `fusion`)
-        rank fusions of the first recipe with size, sharpness, both, and the detector score."""
+        the built-in ERS of the dense embeddings (agent/ers_builtin.py: calibrated on packaged images, not on LFW)
+        and rank fusions of the first recipe with size, sharpness, both, the detector score, and ERS."""
         out = {f"PreFIQs {r}": self.prefiqs(faces, r) for r in recipes}
         out["random"] = random_quality(len(faces), seed)
         out.update({k: np.array(v) for k, v in faces.cheap.items()})
         if fusion and recipes:
+            out["ERS (built-in)"] = self.ers(recipes[0]).scores(self.dense(faces, recipes[0]))
             p = out[f"PreFIQs {recipes[0]}"]
-            for extra in (("size",), ("sharpness",), ("size", "sharpness"), ("detector",)):
+            for extra in (("size",), ("sharpness",), ("size", "sharpness"), ("detector",), ("ERS (built-in)",)):
                 out[f"fusion PreFIQs {recipes[0]} + {' + '.join(extra)}"] = rank_fusion(p, *(out[e] for e in extra))
         return out
+
+    def ers(self, recipe: str) -> ErsModel:
+        """The built-in ERS of the scoring model (built once per run; the recipe only supplies the dense pass)."""
+        if self._ers is None:
+            scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
+            self._ers = builtin_ers(scorer, DetectorSpec(threads=self.threads))
+        return self._ers
 
 
 # ---------------------------------------------------------------- pairs
@@ -429,6 +442,17 @@ def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: in
     utility = np.concatenate([faces.other_emb()[t] @ enrol[i] for i, t in enumerate(tracks)])
     kinds = np.array([k.split("|")[3].split(":")[0] for k in faces.keys])
     return TrackSet(name, faces, tracks, utility, list(people), kinds)
+
+
+def demo_enrolments(folder: Path) -> dict[str, Path]:
+    """The demo clip's source photos, written to `folder` (the utility of a demo frame is its similarity to the
+    photo it was made from: an upper bound of real enrolment, but it ranks the frames of a track fairly)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for p in people():
+        out[p.name] = folder / f"{p.name}.png"
+        cv2.imwrite(str(out[p.name]), p.image)
+    return out
 
 
 def video_tracks(ev: Evaluator, video: Path, enrolments: dict[str, Path], threshold: float = 0.25,
@@ -671,9 +695,10 @@ def eval_pairs(out: Path, recipes: Sequence[str], lfw: Path = LFW, other_model: 
 def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path | None = VIDEO,
                 enrolments: dict[str, Path] | None = None, other_model: Path = OTHER_MODEL,
                 lightqnet: Path = LIGHTQNET, seed: int = 0, synthetic: int = 120, frames: int = 10,
-                threads: int | None = None, cache: Path | None = None) -> dict:
+                threads: int | None = None, cache: Path | None = None, demo: bool = False) -> dict:
     """Best-shot selection: per method, the utility of the frame it picks per track, on `synthetic` LFW tracks of
-    `frames` frames (test-split people) and on the real clip `video` (None: skip) with its enrolment images.
+    `frames` frames (test-split people), on the real clip `video` (None: skip) with its enrolment images and, with
+    `demo`, on the embedded demo clip with its two source photos as enrolments.
     Writes tracks.json, tracks.md and tracks.png under `out`."""
     t0 = time.monotonic()
     ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
@@ -683,6 +708,8 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
     sets = [synthetic_tracks(ev, people, seed, frames)]
     if video is not None:
         sets.append(video_tracks(ev, video, enrolments or ENROLMENTS))
+    if demo:
+        sets.append(video_tracks(ev, demo_clip_path(), demo_enrolments(out / "demo-enrolments")))
     res = {"config": {"recipes": list(recipes), "seed": seed, "synthetic": len(people), "frames": frames,
                       "video": str(video) if video else None, "utility_model": ev.other_spec.name},
            "sets": {}}

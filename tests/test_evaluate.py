@@ -93,8 +93,13 @@ def test_eval_pairs_small(shared_dir, tmp_path):
 
 
 def test_eval_tracks_small(shared_dir, tmp_path):
-    res = eval_tracks(tmp_path, ["2:4@0.75-1"], lfw=shared_dir / "data/lfw", video=None, synthetic=6, frames=6)
+    res = eval_tracks(tmp_path, ["2:4@0.75-1"], lfw=shared_dir / "data/lfw", video=None, synthetic=6, frames=6,
+                      demo=True)
+    demo = next(v for k, v in res["sets"].items() if k.startswith("demo"))
+    assert demo["tracks"] == 4  # the clip's four appearances, each named by its source photo
+    assert demo["methods"]["size"]["gain"] > 0.5  # faces grow as they come clean in the demo
     r = res["sets"]["synthetic"]
+    assert "ERS (built-in)" in r["methods"] and "fusion PreFIQs 2:4@0.75-1 + ERS (built-in)" in r["methods"]
     assert r["tracks"] == 6 and r["frames"] == 36 and (tmp_path / "tracks.png").is_file()
     assert r["methods"]["oracle"]["gain"] == 1.0 and r["methods"]["oracle"]["regret"] == 0.0
     for name, m in r["methods"].items():
