@@ -12,10 +12,18 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
+    """$BESTSHOT_CACHE, else $XDG_CACHE_HOME/bestshot (~/.cache/bestshot)."""
     env = os.environ.get("BESTSHOT_CACHE")
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bestshot"
+
+
+def use_cache_root(path: Path | None) -> None:
+    """Make `path` (models.cache_dir, --cache) this process's cache root, so that the detector, the demo clip and
+    the engines go there with the FR model (None: keep the environment's)."""
+    if path is not None:
+        os.environ["BESTSHOT_CACHE"] = str(Path(path).expanduser().resolve())
 
 
 def sha256_file(path: Path) -> str:

@@ -28,7 +28,10 @@ def _models(args):
     """(FR spec, recipe, cache dir, detector spec, backend) from --config and the flags that override it."""
     from dataclasses import replace
 
+    from agent.cache import use_cache_root
+
     cfg = _config_or_default(args.config)
+    use_cache_root(args.cache or cfg.models.cache_dir)
     det = cfg.defaults.detector
     if args.detector or args.detector_model:
         det = replace(det, kind=args.detector or det.kind, path=args.detector_model)
@@ -59,6 +62,7 @@ def _config_or_default(path: Path | None):
 
 
 def cmd_build_engines(args) -> int:
+    from agent.cache import use_cache_root
     from engines.prepare import prepare_fr
     from engines.trt_build import build_engines
 
@@ -69,6 +73,7 @@ def cmd_build_engines(args) -> int:
                   "JetPack's TensorRT on a Jetson (docs/GPU.md)", e)
         return 2
     cfg = _config_or_default(args.config)
+    use_cache_root(cfg.models.cache_dir)
     prepared = prepare_fr(cfg.models.fr, cfg.models.recipe, cfg.models.cache_dir)
     for kind, eng in build_engines(prepared, cfg.engines, progress=lambda line: sys.stdout.write(line + "\n")).items():
         sys.stdout.write(f"{kind}: {eng.plan}\n")
@@ -399,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from agent.backend import BackendUnavailable
+    from agent.cache import use_cache_root
     from agent.config import ConfigError
     from engines.trt_build import EngineError
 
+    use_cache_root(getattr(args, "cache", None))
     try:
         return args.func(args)
     except ConfigError as e:

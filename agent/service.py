@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import notify
+from agent.cache import use_cache_root
 from agent.config import Config, ConfigError, load_config, to_camera
 from agent.diffprob import enrich_factory
 from agent.ers_builtin import ensure_ers
@@ -46,6 +47,7 @@ class Agent:
     def __init__(self, cfg: Config, trace: Path | None = None):
         self.cfg = cfg
         m = cfg.models
+        use_cache_root(m.cache_dir)  # the detectors and the demo clip follow the FR model there
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
                                                   m.cache_dir, cfg.backend, cfg.engines)
         # ERS of the best shot, the track template and DiffProb's diverse shots

@@ -274,3 +274,17 @@ def test_score_cli_with_configured_models(shared_dir, tmp_path):
     assert report["fr"]["name"] == "mobilefacenet" and report["fr"]["recipe"] == GENERIC_RECIPE
     assert report["fr"]["pattern_2_4_verified"] is True and report["detector"]["path"].endswith("yunet_s_dynamic.onnx")
     assert report["fr"]["ers"]["source"] == "builtin"  # built for this model (YuNet, template crops) by `score`
+
+
+def test_configured_cache_dir_holds_every_prepared_file(tmp_path):
+    """models.cache_dir takes the detector along with the FR model (not only $BESTSHOT_CACHE)."""
+    import yaml
+
+    cache = tmp_path / "cache"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {"cache_dir": str(cache)}, "cameras": [{"id": "a", "url": "x"}]}))
+    r = run_cli("models", "--config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["fr"]["files"]["dense"]["path"].startswith(str(cache))
+    assert report["detector"]["path"].startswith(str(cache))
