@@ -128,9 +128,9 @@ def print_models(report: dict, out: TextIO = sys.stdout) -> None:
     fr = report["fr"]
     out.write(f"FR model {fr['name']}: input {fr['input']}\n")
     out.write(
-        f"  recipe {fr['recipe']}: {fr['layers_pruned']} layers pruned "
-        f"({fr['layers_eligible_2_4']} can carry 2:4), mean sparsity {fr['mean_sparsity_of_pruned_layers']:.3f}, "
-        f"2:4 verified {fr['pattern_2_4_verified']}\n"
+        f"  recipe {fr['recipe']}: layers pruned {fr['layers_pruned']} "
+        f"(of {fr['layers_eligible_2_4']} that can carry 2:4), "
+        f"mean sparsity {fr['mean_sparsity_of_pruned_layers']:.3f}, 2:4 verified {fr['pattern_2_4_verified']}\n"
     )
     for kind, f in fr["files"].items():
         out.write(f"  {kind:6s} {f['path']}  sha256 {f['sha256'][:16]}\n")
