@@ -1,7 +1,7 @@
 """The embedded demo clip: real face photos that move, scale and degrade over a textured background.
 
-The photos ship inside installed packages: matplotlib's Grace Hopper and, where scikit-image is installed,
-its astronaut (Eileen Collins); without scikit-image a mirrored Grace Hopper plays the second person.
+The photos ship inside installed packages: matplotlib's Grace Hopper and scikit-image's astronaut (Eileen
+Collins).
 `make_demo_clip` writes an H.264 mp4 and, beside it, a JSON ground truth (`truth_path`): per frame, the
 faces shown with their box and degradation; per appearance (one track), its frames, its clean frames (sharp,
 noiseless, fully lit, unoccluded, fully inside the frame), where a best shot should come from, and the
@@ -19,6 +19,7 @@ import av
 import cv2
 import numpy as np
 from matplotlib import cbook
+from skimage.data import astronaut
 
 from agent.cache import atomic_write, cache_root, locked
 
@@ -72,15 +73,10 @@ PARAMS = ("x", "y", "size", "blur", "noise", "gain", "occlusion")
 
 
 def people() -> list[Person]:
-    """Grace Hopper, and the astronaut when scikit-image is installed, else Grace Hopper mirrored."""
+    """Grace Hopper (matplotlib) and the astronaut (scikit-image)."""
     hopper = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    first = Person("hopper", hopper, (168, 130, 362, 338))
-    try:
-        from skimage.data import astronaut
-    except ImportError:
-        w = hopper.shape[1]
-        return [first, Person("hopper_mirror", np.ascontiguousarray(hopper[:, ::-1]), (w - 362, 130, w - 168, 338))]
-    return [first, Person("astronaut", np.ascontiguousarray(astronaut()[:, :, ::-1]), (172, 68, 272, 188))]
+    return [Person("hopper", hopper, (168, 130, 362, 338)),
+            Person("astronaut", np.ascontiguousarray(astronaut()[:, :, ::-1]), (172, 68, 272, 188))]
 
 
 def _cutout(person: Person) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import cv2
@@ -136,9 +135,3 @@ def test_deterministic_for_a_seed(tmp_path) -> None:
     assert not np.array_equal(decode(a), decode(c))
     assert all(30 <= f["size"] <= 100 for faces in load_truth(a)["faces"] for f in faces)  # sizes scale with height
 
-
-def test_second_person_without_scikit_image(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "skimage.data", None)
-    cast = people()
-    assert [p.name for p in cast] == ["hopper", "hopper_mirror"]
-    assert np.array_equal(cast[1].face_crop, cast[0].face_crop[:, ::-1])
