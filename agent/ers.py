@@ -83,7 +83,8 @@ def load_ers(prepared: PreparedFR) -> ErsModel | None:
     if data is None:
         return None
     if data.get("dense_sha256") != prepared.manifest["dense_sha256"] or not all(k in data for k in ("uic", *keys)):
-        log.warning("%s is stale (another dense model or format): ignored; run `bestshot ers calibrate`", path)
+        log.warning("%s is stale (another dense model or format): ignored, a built-in ERS replaces it (or run "
+                    "`bestshot ers calibrate`)", path)
         return None
     info = {k: v for k, v in data.items() if k not in ("uic", *keys)}
     return ErsModel(l2n(np.asarray(data["uic"], np.float32)[None])[0], float(data["threshold"]),
