@@ -29,6 +29,7 @@ from agent.cache import read_json, write_json
 from agent.detect import Detector, DetectorSpec, make_detector
 from agent.edc import threshold_at_fmr
 from agent.images import ImageError, expand_paths, read_image
+from agent.models import FRSpec
 from agent.score import Scorer, l2n
 from agent.types import Detection
 
@@ -155,10 +156,18 @@ def boxes_intersect(a: np.ndarray, b: np.ndarray) -> bool:
     return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
+def frame_false_positives(frame: np.ndarray, dets: Sequence[Detection], spec: FRSpec, face_score: float = 0.5,
+                          max_score: float = 0.3, min_size: float = 16.0) -> list[np.ndarray]:
+    """Aligned crops of the detections (from a detector built with a low threshold) scored below `max_score`, at
+    least `min_size` px, that touch no face box (score >= face_score) of the frame."""
+    faces = [d.bbox for d in dets if d.score >= face_score]
+    return [align(frame, d, spec) for d in dets if d.score < max_score and d.size >= min_size
+            and not any(boxes_intersect(d.bbox, f) for f in faces)]
+
+
 def false_positive_crops(videos: Sequence[Path], detector: Detector, scorer: Scorer, every: int = 20,
                          face_score: float = 0.5, max_score: float = 0.3, min_size: float = 16.0) -> list[np.ndarray]:
-    """Aligned crops of detections scored below `max_score` (by a detector built with a low threshold) that touch
-    no face box (score >= face_score) of the same frame, from every `every`-th frame of the videos."""
+    """`frame_false_positives` of every `every`-th frame of the videos."""
     crops = []
     for video in videos:
         cap = cv2.VideoCapture(str(video))
@@ -168,10 +177,8 @@ def false_positive_crops(videos: Sequence[Path], detector: Detector, scorer: Sco
             if not ok:
                 break
             if i % every == 0:
-                dets = detector.detect(frame)
-                faces = [d.bbox for d in dets if d.score >= face_score]
-                crops += [align(frame, d, scorer.spec) for d in dets if d.score < max_score and d.size >= min_size
-                          and not any(boxes_intersect(d.bbox, f) for f in faces)]
+                crops += frame_false_positives(frame, detector.detect(frame), scorer.spec, face_score, max_score,
+                                               min_size)
             i += 1
         cap.release()
     return crops

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from matplotlib import cbook
 from skimage import data as skdata
 
 from agent.align import align
 from agent.cache import locked
+from agent.demo import people
 from agent.detect import DetectorSpec, make_detector
 from agent.ers import (
     ErsModel,
     balanced_threshold,
-    boxes_intersect,
     degrade,
     embed,
     ers_path,
+    frame_false_positives,
     load_ers,
     save_ers,
     unit_mean,
@@ -61,8 +61,9 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 
 
 def face_photos() -> list[np.ndarray]:
-    hopper = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    return [_bgr(skdata.astronaut()), _bgr(skdata.camera()), hopper]
+    """The astronaut, the cameraman and Grace Hopper (the first and last are the demo clip's people)."""
+    hopper, astronaut = (p.image for p in people())
+    return [astronaut, _bgr(skdata.camera()), hopper]
 
 
 def scenes() -> list[np.ndarray]:
@@ -85,22 +86,22 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     rng = np.random.default_rng(seed)
     size, spec = scorer.spec.input_size, scorer.spec
     low = make_detector(replace(det_spec, score_threshold=0.05))  # one session: faces are its detections >= 0.5
-    faces = []
+    faces, face_photo_fps = [], []
     for photo in face_photos():
-        det = max((d for d in low.detect(photo) if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
+        dets = low.detect(photo)
+        det = max((d for d in dets if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
         if det is None:
             raise RuntimeError(f"the {det_spec.kind} detector finds none of the packages' face photos")
         faces.append(align(photo, det, spec))
+        face_photo_fps += frame_false_positives(photo, dets, spec, FACE_SCORE, min_size=0.0)
     positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
     degraded = [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
     patches = [cv2.resize(_bgr(p), (size, size), interpolation=cv2.INTER_LINEAR) for p in skdata.lfw_subset()[100:]]
-    false_pos, crops = [], []
     photos = scenes()
-    for photo in photos + face_photos():
-        dets = low.detect(photo)
-        boxes = [d.bbox for d in dets if d.score >= FACE_SCORE]
-        false_pos += [align(photo, d, spec) for d in dets
-                      if d.score < 0.3 and not any(boxes_intersect(d.bbox, b) for b in boxes)]
+    # every size: the packaged photos give few false positives
+    false_pos = [c for photo in photos for c in frame_false_positives(photo, low.detect(photo), spec, FACE_SCORE,
+                                                                        min_size=0.0)] + face_photo_fps
+    crops = []
     for _ in range(background):
         photo = photos[rng.integers(len(photos))]
         h, w = photo.shape[:2]
@@ -112,8 +113,8 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     pos = embed(small, positive)[0]
     neg = embed(small, degraded + patches + false_pos + crops)[0]
     model = ErsModel(unit_mean(neg), 0.0, None, None)
-    model.threshold = balanced_threshold(model.scores(pos), model.scores(neg))
     pos_s, neg_s = model.scores(pos), model.scores(neg)
+    model.threshold = balanced_threshold(pos_s, neg_s)
     model.info = {
         "source": "builtin",
         "built": {"method": "UIC = normalised mean of unrecognisable embeddings (Deng et al.), from images inside "

@@ -98,6 +98,7 @@ def test_eval_tracks_small(shared_dir, tmp_path):
     demo = next(v for k, v in res["sets"].items() if k.startswith("demo"))
     assert demo["tracks"] == 4  # the clip's four appearances, each named by its source photo
     assert demo["methods"]["size"]["gain"] > 0.5  # faces grow as they come clean in the demo
+    assert demo["methods"]["ERS (built-in)"]["gain"] > 0.5  # full run: 0.884 (docs/QUALITY.md)
     r = res["sets"]["synthetic"]
     assert "ERS (built-in)" in r["methods"] and "fusion PreFIQs 2:4@0.75-1 + ERS (built-in)" in r["methods"]
     assert r["tracks"] == 6 and r["frames"] == 36 and (tmp_path / "tracks.png").is_file()
