@@ -264,6 +264,9 @@ def cmd_curate(args) -> int:
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     ers = ensure_ers(scorer, prepared, det) if args.drop_unrecognisable else load_ers(prepared)
+    if args.drop_unrecognisable and ers is None:
+        log.error("--drop-unrecognisable needs an ERS for this model (see the error above)")
+        return 2
     report = curate(args.dir, args.out, scorer, make_detector(det), ers if args.drop_unrecognisable else None,
                     args.eps, args.min_cos, floor=identity_floor(ers))
     sys.stdout.write(json.dumps(report.get("summary", report), indent=2, default=str) + "\n")

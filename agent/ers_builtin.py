@@ -50,6 +50,10 @@ SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "text", "pa
           "horse", "cell", "immunohistochemistry", "moon", "logo", "clock", "colorwheel")
 
 
+class BuiltinErsError(RuntimeError):
+    """The built-in ERS cannot be built with this detector."""
+
+
 def _bgr(image: np.ndarray) -> np.ndarray:
     """scikit-image's RGB / grey / float arrays as 8-bit BGR."""
     x = np.asarray(image)
@@ -91,7 +95,7 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
         dets = low.detect(photo)
         det = max((d for d in dets if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
         if det is None:
-            raise RuntimeError(f"the {det_spec.kind} detector finds none of the packages' face photos")
+            raise BuiltinErsError(f"the {det_spec.kind} detector finds no face in one of the packages' face photos")
         faces.append(align(photo, det, spec))
         face_photo_fps += frame_false_positives(photo, dets, spec, FACE_SCORE, min_size=0.0)
     positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
@@ -133,12 +137,18 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     return model
 
 
-def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel:
+def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel | None:
     """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one), else a
-    built-in one, built now and saved beside the model."""
+    built-in one, built now and saved beside the model. None (logged as an error) when it cannot be built: the
+    agent then runs without ERS (quality-weighted templates)."""
     with locked(ers_path(prepared)):
         model = load_ers(prepared)
         if model is None:
-            model = builtin_ers(scorer, det_spec)
+            try:
+                model = builtin_ers(scorer, det_spec)
+            except BuiltinErsError as e:
+                log.error("no ERS for %s: cannot build the built-in one (%s); messages carry no ERS until "
+                          "`bestshot ers calibrate` runs", scorer.model_id, e)
+                return None
             log.info("saved %s (`bestshot ers calibrate` on LFW replaces it)", save_ers(prepared, model))
     return model

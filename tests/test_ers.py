@@ -158,3 +158,17 @@ def test_ensure_ers_builds_once_and_yields_to_a_calibration(setup, builtin, tmp_
     assert (tmp_path / "fr" / "ers.json").stat().st_mtime_ns == saved and again.threshold == first.threshold
     save_ers(mine, lfw)  # `bestshot ers calibrate` replaces it
     assert ensure_ers(scorer, mine, DetectorSpec()).info["source"] == "lfw"
+
+
+def test_ensure_ers_without_a_usable_detector_runs_on_without_ers(setup, tmp_path, monkeypatch, caplog):
+    """A detector that finds no face in the packaged photos: one error naming the cause, no ERS, nothing saved."""
+    import agent.ers_builtin
+
+    scorer, prepared, _, _, _ = setup
+    mine = dataclasses.replace(prepared, dir=tmp_path / "fr" / "recipe")
+    mine.dir.mkdir(parents=True)
+    monkeypatch.setattr(agent.ers_builtin, "face_photos", lambda: [np.full((300, 300, 3), 128, np.uint8)])
+    assert ensure_ers(scorer, mine, DetectorSpec()) is None
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "finds no face" in errors[0] and "centerface" in errors[0]
+    assert not (tmp_path / "fr" / "ers.json").exists()
