@@ -13,7 +13,9 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	bash tests/setup_system.sh
 	$(PY) -m ruff check agent engines tests
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 lint: venv
 	$(PY) -m ruff check agent engines tests
+	$(VENV)/bin/lint-imports

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.cache import atomic_write, locked, sha256_file
+from agent.common.cache import atomic_write, locked, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import onnx
 
-from agent.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
-from agent.models import FRSpec
+from agent.common.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
+from agent.common.fr_spec import FRSpec
 from engines.prune import Recipe, is_24, prunable_layers, prune
 from engines.twin import shared_trunk
 

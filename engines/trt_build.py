@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
+from agent.common.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
 from engines.prepare import PreparedFR
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def build_plan(onnx_path: Path, kind: str, opts: EngineOptions, typing: str, out
     `out_dir` (the engines folder) receives the inspector's layer JSON and the INT8 calibration cache."""
     import tensorrt as trt
 
-    from agent.trt_runtime import cuda_primary_context
+    from engines.gpu import cuda_primary_context
 
     t0 = time.monotonic()
     logger = _trt_logger(trt)
@@ -422,8 +422,8 @@ def build_engines(prepared: PreparedFR, opts: EngineOptions | None = None, progr
     """
     import tensorrt as trt
 
-    from agent.trt_runtime import gpu_info
     from engines.fp16 import fp16_model_path
+    from engines.gpu import gpu_info
 
     opts = opts or EngineOptions()
     say = progress or (lambda line: log.info("%s", line))
@@ -459,7 +459,7 @@ def engine_report(prepared: PreparedFR, opts: EngineOptions | None = None) -> di
     try:
         import tensorrt as trt
 
-        from agent.trt_runtime import gpu_info
+        from engines.gpu import gpu_info
 
         gpu = gpu_info()
         env: tuple[str, str, str] | None = (trt.__version__, gpu.name, gpu.compute_capability)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -69,3 +70,37 @@ def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str
     onnx.checker.check_model(merged)
     log.info("shared trunk: %d of %d nodes duplicated for the twin", dup, len(dense.graph.node))
     return merged
+
+
+def count_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-accumulates of every Conv, Gemm and MatMul node at batch 1 (shapes from ONNX shape inference)."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
+              for v in [*g.value_info, *g.input, *g.output]}
+    shapes.update({t.name: list(t.dims) for t in g.initializer})
+    macs = {}
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        a, w, y = (shapes.get(x) for x in (n.input[0], n.input[1], n.output[0]))
+        if a is None or w is None or not y:
+            raise ValueError(f"{n.op_type} {n.name}: shapes not inferred")
+        if n.op_type == "Conv":
+            k = int(np.prod(w[1:]))  # (C / group) * kernel
+        elif n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute):
+            k = a[0]
+        else:
+            k = a[-1]
+        macs[n.name] = int(np.prod(y)) * k
+    return macs
+
+
+def twin_cost(pair: onnx.ModelProto, sparse_24: bool) -> tuple[float, float]:
+    """(twin-branch MACs / dense MACs, the same with the pruned layers at half cost when `sparse_24`)."""
+    macs = count_macs(pair)
+    pruned = {n.name for n in pair.graph.node if n.name.startswith(TWIN) and len(n.input) > 1
+              and n.input[1].startswith(TWIN)}
+    dense = sum(v for k, v in macs.items() if not k.startswith(TWIN))
+    twin = sum(v for k, v in macs.items() if k.startswith(TWIN))
+    half = sum(v for k, v in macs.items() if k in pruned) / 2 if sparse_24 else 0.0
+    return twin / dense, (twin - half) / dense

@@ -1,5 +1,5 @@
 """A stand-in for an upstream tracker (DeepStream, Savant): sends a video's frames with face tracks over ZeroMQ in
-agent/upstream.py's wire format.
+agent/pipeline/sources/upstream.py's wire format.
 
     .venv/bin/python tests/upstream_sender.py --video clip.mp4 --endpoint tcp://127.0.0.1:5600 [--boxes tracks.json]
 

@@ -1,0 +1,433 @@
+"""The `bestshot` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent.common.fr_spec import FACENET
+from engines.prepare import FACENET_RECIPE, GENERIC_RECIPE
+
+log = logging.getLogger("bestshot")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="take models, recipe and detector from this YAML configuration")
+    p.add_argument("--recipe", help=f"pruning recipe for the twin (default: {FACENET_RECIPE} for FaceNet, "
+                                                  f"{GENERIC_RECIPE} for other models)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all cores)")
+    p.add_argument("--cache", type=Path, default=None, help="prepared-model cache directory")
+    p.add_argument("--detector", choices=["centerface", "yunet", "scrfd", "retinaface"], help="default centerface")
+    p.add_argument("--detector-model", default=None, help="ONNX file of the detector (CenterFace: built in)")
+
+
+def _models(args):
+    """(FR spec, recipe, cache dir, detector spec, backend) from --config and the flags that override it."""
+    from dataclasses import replace
+
+    from agent.common.cache import use_cache_root
+
+    cfg = _config_or_default(args.config)
+    use_cache_root(args.cache or cfg.models.cache_dir)
+    det = cfg.defaults.detector
+    if args.detector or args.detector_model:
+        det = replace(det, kind=args.detector or det.kind, path=args.detector_model)
+    det = replace(det, threads=args.threads or det.threads)
+    return (cfg.models.fr, args.recipe or cfg.models.recipe, args.cache or cfg.models.cache_dir, det,
+            cfg.backend)
+
+
+def cmd_score(args) -> int:
+    from agent.cli.score import score_paths
+    from agent.pipeline.detect import make_detector
+    from agent.pipeline.score import build_scorer
+    from agent.quality.ers_builtin import ensure_ers
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    detector = None if args.aligned else make_detector(det)
+    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding,
+                        ensure_ers(scorer, prepared, det))
+    log.info("%d images, %d faces scored, %d files failed", stats.images, stats.faces, stats.failed)
+    return 1 if stats.failed else 0
+
+
+def _config_or_default(path: Path | None):
+    from agent.service.config import load_config, parse_config
+
+    return load_config(path) if path else parse_config({"cameras": [{"id": "none", "url": "none"}]}, "defaults")
+
+
+def cmd_build_engines(args) -> int:
+    from agent.common.cache import use_cache_root
+    from engines.prepare import prepare_fr
+    from engines.trt_build import build_engines
+
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        log.error("TensorRT is not available here (%s): install the `gpu` extra on a CUDA machine, or use "
+                  "JetPack's TensorRT on a Jetson (docs/GPU.md)", e)
+        return 2
+    cfg = _config_or_default(args.config)
+    use_cache_root(cfg.models.cache_dir)
+    prepared = prepare_fr(cfg.models.fr, cfg.models.recipe, cfg.models.cache_dir)
+    for kind, eng in build_engines(prepared, cfg.engines, progress=lambda line: sys.stdout.write(line + "\n")).items():
+        sys.stdout.write(f"{kind}: {eng.plan}\n")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from agent.cli.score import models_report, print_models
+    from engines.prepare import prepare_fr
+
+    fr, recipe, cache, det, _ = _models(args)
+    prepared = prepare_fr(fr, recipe, cache)
+    if det.path is None:
+        from engines.centerface import default_centerface_path
+
+        det_path = default_centerface_path()
+    else:
+        det_path = Path(det.path)
+    from engines.trt_build import engine_lines, engine_report
+
+    report = models_report(prepared, det_path)
+    report["engines"] = engine_report(prepared)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        print_models(report)
+        sys.stdout.write("\n".join(engine_lines(report["engines"])) + "\n")
+    return 0
+
+
+def cmd_bench_score(args) -> int:
+    from agent.cli.bench import bench_score
+
+    if args.backend != "onnxruntime":
+        from agent.cli.bench import bench_score_gpu
+        from engines.prepare import prepare_fr
+
+        res = bench_score_gpu(prepare_fr(FACENET, args.recipe, args.cache), args.backend,
+                              [int(b) for b in args.batches.split(",")], max(args.faces, 256))
+        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        return 0
+    batches = [int(b) for b in args.batches.split(",")]
+    bench_score(args.recipe, batches, args.faces, args.threads, args.cache, sys.stdout)
+    return 0
+
+
+def load_run_config(args):
+    """The configuration for `run`: the file, or the embedded default, with the flags applied."""
+    from agent.service.config import ConfigError, default_config, load_config, parse_config
+
+    if args.config:
+        cfg = load_config(args.config)
+        if args.source:
+            if len(cfg.cameras) != 1:
+                raise ConfigError(args.config, ["--source needs a configuration with exactly one camera"])
+            cfg.cameras[0].url, cfg.cameras[0].upstream = args.source, None
+    else:
+        source = args.source
+        if source is None:
+            from agent.pipeline.sources.demo import demo_clip_path
+
+            source = str(demo_clip_path())
+            log.info("no configuration: running the embedded demo clip %s", source)
+        cfg = parse_config(default_config(source), "defaults")
+    if args.publish:
+        cfg.publisher.endpoint = args.publish
+        cfg = parse_config(cfg.model_dump(mode="json"), "flags")
+    return cfg
+
+
+def cmd_run(args) -> int:
+    from agent.service.config import ConfigError
+    from agent.service.process import run_agent
+
+    try:
+        cfg = load_run_config(args)
+    except ConfigError as e:
+        for err in e.errors:
+            log.error("%s: %s", e.source, err)
+        return 2
+    run_agent(cfg, args.trace, args.config)
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    from agent.cli.subscribe import subscribe
+
+    n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
+                  server_public_key=args.server_key, client_secret_key=args.client_key)
+    log.info("%d messages received", n)
+    return 0 if n or args.count is None else 1
+
+
+def cmd_bench_pipeline(args) -> int:
+    from agent.cli.bench import bench_pipeline
+
+    bench_pipeline(args.source, args.budget, args.detect_input, args.detect_every, args.threads,
+                   args.compare_unlimited, sys.stdout)
+    return 0
+
+
+def cmd_keys_generate(args) -> int:
+    from agent.common.keys import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    sys.stdout.write(f"public key: {public} (give it to the other side)\n"
+                     f"secret key: {secret} (mode 0600, keep private)\n")
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    from agent.service.config import check_config
+
+    return check_config(args.file, sys.stdout)
+
+
+def cmd_config_schema(args) -> int:
+    from agent.service.config import schema_json
+
+    sys.stdout.write(schema_json())
+    return 0
+
+
+def cmd_ers_calibrate(args) -> int:
+    from agent.pipeline.score import build_scorer
+    from agent.quality.ers import calibrate_ers, captured_embeddings, save_ers
+    from agent.quality.ers_builtin import builtin_ers
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    captured = captured_embeddings(args.captured, scorer) if args.captured else None
+    model = calibrate_ers(scorer, det, args.shared, max_people=args.max_people, captured=captured, seed=args.seed,
+                          compare=builtin_ers(scorer, det))
+    log.info("saved %s", save_ers(prepared, model))
+    sys.stdout.write(json.dumps(model.info, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_pairs(args) -> int:
+    from agent.quality.evaluate import eval_pairs
+
+    res = eval_pairs(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", seed=args.seed,
+                     limit=args.limit, threads=args.threads, cache=args.cache)
+    log.info("wrote %s (%.0f s)", args.out / "pairs.md", res["seconds"])
+    return 0
+
+
+def cmd_eval_tracks(args) -> int:
+    from agent.quality.evaluate import eval_tracks
+
+    video = None if args.no_video else args.shared / "data/video/short_hamilton_clip.mp4"
+    res = eval_tracks(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", video=video, seed=args.seed,
+                      synthetic=args.synthetic, threads=args.threads, cache=args.cache, demo=args.demo)
+    log.info("wrote %s (%.0f s)", args.out / "tracks.md", res["seconds"])
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from agent.quality.tune import RECIPES, tune
+
+    recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
+    res = tune(args.out, recipes, lfw=args.shared / "data/lfw", seed=args.seed, limit=args.limit,
+               threads=args.threads, cache=args.cache)
+    log.info("wrote %s (%.0f s)", args.out / "tune.md", res.get("seconds", 0))
+    return 0
+
+
+def cmd_eval_templates(args) -> int:
+    from agent.pipeline.score import build_scorer
+    from agent.quality.ers import evaluate_templates
+    from agent.quality.ers_builtin import ensure_ers
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    res = evaluate_templates(scorer, det, args.shared, ensure_ers(scorer, prepared, det), max_people=args.max_people)
+    sys.stdout.write(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from agent.pipeline.detect import make_detector
+    from agent.pipeline.score import build_scorer
+    from agent.quality.curate import curate
+    from agent.quality.diffprob import identity_floor
+    from agent.quality.ers import load_ers
+    from agent.quality.ers_builtin import ensure_ers
+
+    fr, recipe, cache, det, backend = _models(args)
+    scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
+    ers = ensure_ers(scorer, prepared, det) if args.drop_unrecognisable else load_ers(prepared)
+    if args.drop_unrecognisable and ers is None:
+        log.error("--drop-unrecognisable needs an ERS for this model (see the error above)")
+        return 2
+    report = curate(args.dir, args.out, scorer, make_detector(det), ers if args.drop_unrecognisable else None,
+                    args.eps, args.min_cos, floor=identity_floor(ers))
+    sys.stdout.write(json.dumps(report.get("summary", report), indent=2, default=str) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bestshot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score the faces in still images (files or folders)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--aligned", action="store_true", help="each image is already an aligned face crop")
+    p.add_argument("--json", action="store_true", help="one JSON object per face (default: text lines)")
+    p.add_argument("--embedding", action="store_true", help="include the dense embedding (with --json)")
+    _common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("run", help="run the agent (no arguments: the embedded demo clip)")
+    p.add_argument("--config", type=Path, help="YAML configuration (see configs/)")
+    p.add_argument("--source", help="video file or rtsp:// / http:// URL (overrides the configured camera)")
+    p.add_argument("--publish", help="ZeroMQ endpoint to publish on, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--trace", type=Path, help="write every scored candidate and shot to this JSONL file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("subscribe", help="receive best shots: one JSON line each, crops saved with --out")
+    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
+    p.add_argument("--out", type=Path, help="write crops, metadata and embeddings under this folder")
+    p.add_argument("--count", type=int, help="stop after this many messages")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    p.add_argument("--mode", choices=["sub", "pull"], default="sub", help="pull for a publisher in push mode")
+    p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
+    p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
+    p.set_defaults(func=cmd_subscribe)
+
+    default_shared = Path(__file__).resolve().parents[3] / "shared"
+    ers = sub.add_parser("ers", help="embedding recognisability score")
+    ers = ers.add_subparsers(dest="ers_command", required=True)
+    p = ers.add_parser("calibrate", help="build the unrecognisable-identity centre and threshold for the FR model")
+    p.add_argument("--shared", type=Path, default=default_shared, help="data folder with lfw/ and video/")
+    p.add_argument("--captured", type=Path, help="crops saved by `bestshot subscribe --out` to add to the UIC")
+    p.add_argument("--max-people", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_ers_calibrate)
+
+    ev = sub.add_parser("eval", help="quality evidence on the shared data (docs/QUALITY.md)")
+    ev = ev.add_subparsers(dest="eval_command", required=True)
+    recipes = "2:4/Bottleneck,2:4@0.75-1,unstructured:0.4"
+    for name, func, helptext in [("pairs", cmd_eval_pairs, "EDC and pAUC on LFW DevTest pairs, clean and degraded"),
+                                 ("tracks", cmd_eval_tracks, "best-shot selection on synthetic and real tracks")]:
+        p = ev.add_parser(name, help=helptext)
+        p.add_argument("--out", type=Path, default=Path("eval-out"))
+        p.add_argument("--recipes", default=recipes, help="comma-separated PreFIQs recipes to compare")
+        p.add_argument("--shared", type=Path, default=default_shared)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "pairs":
+            p.add_argument("--limit", type=int, help="at most this many matched and mismatched pairs (quick run)")
+        else:
+            p.add_argument("--synthetic", type=int, default=120, help="synthetic LFW tracks")
+            p.add_argument("--no-video", action="store_true", help="skip the real clip")
+            p.add_argument("--demo", action="store_true", help="also the embedded demo clip (its photos enrol)")
+        p.add_argument("--threads", type=int)
+        p.add_argument("--cache", type=Path)
+        p.set_defaults(func=func)
+    p = ev.add_parser("templates", help="track templates vs best single frame vs plain mean (LFW pseudo-tracks)")
+    p.add_argument("--shared", type=Path, default=default_shared)
+    p.add_argument("--max-people", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=cmd_eval_templates)
+
+    p = sub.add_parser("tune", help="choose the pruning recipe by evidence on a tuning split")
+    p.add_argument("--out", type=Path, default=Path("tune-out"))
+    p.add_argument("--recipes", help="comma-separated recipes (default: the built-in search list)")
+    p.add_argument("--shared", type=Path, default=default_shared)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="at most this many tuning people (quick run)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache", type=Path)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("curate", help="prune and clean a face set: one folder per identity in, a curated copy out")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--eps", type=float, default=0.03, help="probability difference under which shots are redundant")
+    p.add_argument("--min-cos", type=float, default=0.92, help="... and embedding cosine over which they are")
+    p.add_argument("--drop-unrecognisable", action="store_true", help="also remove faces the ERS rejects")
+    _common(p)
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("check-config", help="validate a configuration file: every error with its location")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+    config = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_command", required=True)
+    config.add_parser("schema", help="print the configuration's JSON schema").set_defaults(func=cmd_config_schema)
+
+    keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 0600) in DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--name", default="bestshot")
+    p.set_defaults(func=cmd_keys_generate)
+
+    p = sub.add_parser("build-engines", help="build the dense and 2:4-sparse TensorRT engines (needs TensorRT)")
+    p.add_argument("--config", type=Path, help="YAML configuration (models and engines sections)")
+    p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("models", help="show the prepared models (prepares them if needed)")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("score", help="faces/s and peak memory of the scoring forms, cv2.dnn as reference")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--faces", type=int, default=64, help="faces per measurement")
+    p.add_argument("--backend", choices=["onnxruntime", "onnxruntime-cuda", "tensorrt"], default="onnxruntime",
+                   help="GPU backends: faces/s at each batch for dense, sparse and the pair, and GPU memory")
+    _common(p)
+    p.set_defaults(func=cmd_bench_score)
+    p = bench.add_parser("pipeline", help="frames/s, per-stage ms, CPU and memory of the whole pipeline on a file")
+    p.add_argument("--source", help="video file (default: the embedded demo clip)")
+    p.add_argument("--budget", type=float, default=None, help="scoring budget, faces/s (default unlimited)")
+    p.add_argument("--detect-input", type=int, default=640, help="longest side the detector sees")
+    p.add_argument("--detect-every", type=int, default=1, help="run the detector on every Nth frame")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare-unlimited", action="store_true",
+                   help="rerun with unlimited scoring and count the tracks whose published shot changes")
+    p.set_defaults(func=cmd_bench_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from agent.backends.base import BackendUnavailable
+    from agent.common.cache import use_cache_root
+    from agent.service.config import ConfigError
+    from engines.gpu import GpuUnavailable
+    from engines.trt_build import EngineError
+
+    use_cache_root(getattr(args, "cache", None))
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        for err in e.errors:
+            log.error("%s: %s", e.source, err)
+        return 2
+    except (EngineError, BackendUnavailable, GpuUnavailable) as e:
+        log.error("%s", e)
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

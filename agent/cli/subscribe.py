@@ -1,0 +1,106 @@
+"""Receiving best shots: a SUB (or PULL) consumer that writes one JSON line per shot and can save its files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import zmq
+
+from agent.common.keys import check_secret_file, load_public_key
+from agent.pipeline.outputs.zeromq import TOPIC_PREFIX, Message, decode
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.2  # poll in slices so Ctrl-C and the idle timeout are noticed promptly
+
+
+def _stdout_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _safe(name: str) -> str:
+    """A camera name from the wire, made safe as one directory name."""
+    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "_"
+
+
+def save(msg: Message, out_dir: Path) -> dict[str, str]:
+    """Write <out>/<camera>/<track>_<frame>_{face,context}.jpg, .json and .f32 (if an embedding came); their paths."""
+    d = out_dir / _safe(msg.meta["camera"])
+    d.mkdir(parents=True, exist_ok=True)
+    stem = f"{msg.meta['track_id']}_{msg.meta['frame_index']}"
+    data = {"face": (f"{stem}_face.jpg", msg.face_jpeg), "context": (f"{stem}_context.jpg", msg.context_jpeg),
+            "meta": (f"{stem}.json", json.dumps(msg.meta, indent=1).encode())}
+    if msg.embedding is not None:
+        data["embedding"] = (f"{stem}.f32", msg.embedding.astype("<f4").tobytes())
+    for name, blob in data.values():
+        (d / name).write_bytes(blob)
+    return {k: str(d / name) for k, (name, _) in data.items()}
+
+
+def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = None, timeout_s: float | None = None,
+              topic: str = TOPIC_PREFIX, write_line: Callable[[str], None] = _stdout_line,
+              mode: Literal["sub", "pull"] = "sub", context: zmq.Context | None = None,
+              server_public_key: Path | None = None, client_secret_key: Path | None = None) -> int:
+    """Connect to a publisher and handle shots until `count` arrived, `timeout_s` passed without any message,
+    or Ctrl-C. Each shot becomes one JSON line (its metadata, plus "files" when saved under out_dir).
+    Corrupt messages are logged and skipped. Returns the number of shots handled.
+
+    CURVE: `server_public_key` (the publisher's .key file) and `client_secret_key` (this client's .key_secret file,
+    mode 0600, whose public key the publisher's allow-list holds). A refused client just receives nothing."""
+    if mode not in ("sub", "pull"):
+        raise ValueError(f"mode {mode!r}: expected 'sub' or 'pull'")
+    if (server_public_key is None) != (client_secret_key is None):
+        raise ValueError("CURVE needs both server_public_key and client_secret_key")
+    curve = None
+    if server_public_key is not None:
+        curve = (load_public_key(server_public_key), *check_secret_file(client_secret_key))
+    sock = (context or zmq.Context.instance()).socket(zmq.SUB if mode == "sub" else zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    if mode == "sub":
+        sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    received = 0
+    try:
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            raise ValueError(f"cannot connect to {endpoint}: {e.strerror}") from e
+        log.info("receiving best shots (%s%s) from %s", mode, ", CURVE" if curve else "", endpoint)
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+        while count is None or received < count:
+            wait = min(_POLL_S, deadline - time.monotonic())
+            if wait <= 0:
+                log.info("%s: nothing for %.1f s, stopping", endpoint, timeout_s)
+                break
+            if not sock.poll(math.ceil(wait * 1000)):
+                continue
+            parts = sock.recv_multipart()
+            if timeout_s is not None:
+                deadline = time.monotonic() + timeout_s
+            try:
+                msg = decode(parts)
+            except ValueError as e:
+                log.error("%s: corrupt message skipped: %s", endpoint, e)
+                continue
+            if not msg.topic.startswith(topic):  # PULL has no topic filter of its own
+                continue
+            line = dict(msg.meta)
+            if out_dir is not None:
+                line["files"] = save(msg, out_dir)
+            write_line(json.dumps(line))
+            received += 1
+    except KeyboardInterrupt:
+        log.info("%s: interrupted after %d shot(s)", endpoint, received)
+    finally:
+        sock.close()
+    return received

@@ -1,0 +1,336 @@
+"""The pipeline: source -> detector -> tracker -> aligner -> gate | scorer -> selector -> publisher.
+
+One worker thread per camera (decode, detect, track, align, cheap gates) feeds one bounded queue; one
+scoring thread drains it, scores the candidates of all cameras in shared batches, keeps the best shot per
+track and publishes ended tracks. A full queue blocks the workers (a live source then drops its oldest
+frames, counted), so nothing that was accepted is lost; at the end of a stream or on stop() every open
+track is flushed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from agent.common.fr_spec import FRSpec
+from agent.pipeline.align import align, context_crop
+from agent.pipeline.detect import DetectorSpec, make_detector
+from agent.pipeline.score import Scorer
+from agent.pipeline.select import Candidate, Gate, SelectionConfig, Selector, TokenBucket
+from agent.pipeline.sources.upstream import UpstreamOptions, UpstreamSource
+from agent.pipeline.sources.video import SourceOptions, VideoSource
+from agent.pipeline.track import Tracker, TrackerConfig
+from agent.types import BestShot, Frame, TrackedFace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CameraConfig:
+    id: str
+    url: str | None = None  # a video source (file, rtsp://, http://) ...
+    upstream: UpstreamOptions | None = None  # ... or frames with tracks from an upstream pipeline
+    source: SourceOptions = field(default_factory=SourceOptions)
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    detect_every: int = 1  # run the detector on every Nth frame (the tracker bridges the gaps)
+    context_margin: float = 0.5
+
+
+class StageTimes:
+    """Accumulated milliseconds per stage (each stage written by one thread)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self.n: dict[str, int] = defaultdict(int)
+        self.observers: list[Callable[[str, float], None]] = []
+
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        self.ms[stage] += seconds * 1000.0
+        self.n[stage] += count
+        for obs in self.observers:
+            obs(stage, seconds)
+
+
+@dataclass
+class _Eos:
+    camera: str
+    worker: CameraWorker
+
+
+class _Ends:
+    """Track ends for upstream tracks (no tracker of ours): a track unseen for `max_lost_s` has ended."""
+
+    def __init__(self, max_lost_s: float):
+        self.max_lost_s = max_lost_s
+        self.last: dict[int, float] = {}
+
+    def update(self, tracks: list[TrackedFace], pts: float) -> list[int]:
+        for t in tracks:
+            self.last[t.track_id] = pts
+        ended = [tid for tid, seen in self.last.items() if pts - seen > self.max_lost_s]
+        for tid in ended:
+            del self.last[tid]
+        return ended
+
+    def finish(self) -> list[int]:
+        ended, self.last = list(self.last), {}
+        return ended
+
+
+class CameraWorker(threading.Thread):
+    """Decodes one camera (or one upstream input, which may carry several cameras) and gates its faces."""
+
+    def __init__(self, cam: CameraConfig, fr: FRSpec, out: queue.Queue, budget: TokenBucket, times: StageTimes,
+                 track_ids: Iterator[int] | None = None):
+        super().__init__(name=f"camera-{cam.id}", daemon=True)
+        self.cam, self.fr, self.out, self.budget, self.times = cam, fr, out, budget, times
+        self.track_ids = track_ids
+        self.stopping = threading.Event()
+        self.gates: dict[str, Gate] = {}
+        self.frames = 0
+        self.detections = 0
+        self.error: str | None = None
+        if cam.upstream is not None:
+            self.source: VideoSource | UpstreamSource = UpstreamSource(cam.upstream)
+            self.detector = None
+        else:
+            if not cam.url:
+                raise ValueError(f"camera {cam.id}: needs a url or an upstream input")
+            self.source = VideoSource(cam.url, cam.id, cam.source)
+            self.detector = make_detector(cam.detector)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.source.stop()
+
+    def _gate(self, camera: str) -> Gate:
+        g = self.gates.get(camera)
+        if g is None:
+            g = self.gates[camera] = Gate(camera, self.cam.selection, self.budget)
+        return g
+
+    def _end(self, camera: str, track_ids: list[int]) -> None:
+        gate = self._gate(camera)
+        for tid in track_ids:
+            pending, end = gate.end(tid)
+            if pending is not None:
+                self.out.put(pending)
+            if end is not None:
+                end_wall = time.time()
+                self.out.put((end, end_wall))
+
+    def _items(self) -> Iterator[tuple[Frame, list[TrackedFace] | None]]:
+        if isinstance(self.source, UpstreamSource):
+            yield from self.source.frames()
+        else:
+            for f in self.source.frames():
+                yield f, None
+
+    def run(self) -> None:
+        trackers: dict[str, Tracker | _Ends] = {}
+        try:
+            t0 = time.perf_counter()
+            for frame, upstream_tracks in self._items():
+                self.times.add("decode", time.perf_counter() - t0)
+                if self.stopping.is_set():
+                    break
+                self._frame(frame, upstream_tracks, trackers)
+                t0 = time.perf_counter()
+        except Exception as e:  # a camera failing never stops the others
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("camera %s: worker failed", self.cam.id)
+        finally:
+            for camera, tr in trackers.items():
+                self._end(camera, tr.finish())
+            self.out.put(_Eos(self.cam.id, self))
+
+    def _frame(self, frame: Frame, upstream_tracks: list[TrackedFace] | None, trackers: dict) -> None:
+        self.frames += 1
+        if upstream_tracks is None:
+            if (frame.index % self.cam.detect_every) != 0:
+                return
+            t = time.perf_counter()
+            dets = self.detector.detect(frame.image)
+            self.times.add("detect", time.perf_counter() - t)
+            self.detections += len(dets)
+            t = time.perf_counter()
+            tracker = trackers.get(frame.camera) or trackers.setdefault(
+                frame.camera, Tracker(self.cam.tracker, self.track_ids))
+            update = tracker.update(dets, frame.pts)
+            faces, ended = update.active, update.ended
+            self.times.add("track", time.perf_counter() - t)
+        else:
+            tracker = trackers.setdefault(frame.camera, _Ends(self.cam.tracker.max_lost_s))
+            faces, ended = upstream_tracks, tracker.update(upstream_tracks, frame.pts)
+            self.detections += len(faces)
+        t = time.perf_counter()
+        gate = self._gate(frame.camera)
+
+        def crops(det):
+            return align(frame.image, det, self.fr), context_crop(frame.image, det.bbox, self.cam.context_margin)
+
+        for face in faces:
+            cand = gate.observe(frame.index, frame.pts, face.track_id, face.det, crops)
+            if cand is not None:
+                self.out.put(cand)
+        self.times.add("align", time.perf_counter() - t)
+        self._end(frame.camera, ended)
+
+
+class Pipeline:
+    """Runs the cameras' workers and the scoring loop; `publish(shot)` receives every shot."""
+
+    def __init__(self, cameras: list[CameraConfig], fr: FRSpec, scorer: Scorer, publish: Callable[[BestShot], bool],
+                 score_budget: float | None = None, queue_size: int = 64, trace: Path | None = None,
+                 enrich: Callable | None = None, tick: Callable[[], object] | None = None):
+        """tick: called on the scoring thread between batches (e.g. the publisher's spool pump)."""
+        self.fr, self.scorer, self.publish, self.enrich, self.tick = fr, scorer, publish, enrich, tick
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.budget = TokenBucket(score_budget, burst=max(4.0, (score_budget or 0) / 2))
+        self.times = StageTimes()
+        self._trace_file: IO[str] | None = open(trace, "w") if trace else None  # noqa: SIM115
+        self.selectors: dict[str, Selector] = {}
+        self.workers: dict[str, CameraWorker] = {}
+        self.finished: list[CameraWorker] = []  # workers whose stream ended (for their counters)
+        self.retiring: list[CameraWorker] = []  # replaced workers still flushing (configuration reload)
+        self.track_ids: dict[str, Iterator[int]] = {}  # per camera, shared by its successive trackers
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.heartbeat = time.monotonic()  # last turn of the scoring loop (watchdog)
+        self.published = 0
+        self.scored = 0
+        self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.service.metrics.Liveness)
+        self.end_latency_s: list[float] = []
+        for cam in cameras:
+            self.add_camera(cam)
+
+    def _trace(self, rec: dict) -> None:
+        if self._trace_file is not None:
+            self._trace_file.write(json.dumps(rec) + "\n")
+
+    def add_camera(self, cam: CameraConfig) -> None:
+        """Add (or replace) a camera; call start_workers() to start it once the pipeline runs."""
+        worker = CameraWorker(cam, self.fr, self.queue, self.budget, self.times,
+                              self.track_ids.setdefault(cam.id, itertools.count(1)))
+        with self.lock:
+            old = self.workers.get(cam.id)
+            if old is not None:
+                old.stop()
+                self.retiring.append(old)
+            sel = self.selectors.get(cam.id)
+            if sel is None:
+                self.selectors[cam.id] = Selector(cam.selection, self.scorer.model_id, self._trace, self.enrich)
+            else:
+                sel.config = cam.selection  # open tracks keep their state; new settings apply from now
+            self.workers[cam.id] = worker
+
+    def remove_camera(self, camera_id: str) -> None:
+        """Stop one camera; its open tracks are flushed through the scoring loop like any other end."""
+        with self.lock:
+            worker = self.workers.get(camera_id)
+        if worker is not None:
+            worker.stop()
+
+    def start_workers(self) -> None:
+        with self.lock:
+            for w in self.workers.values():
+                if w.ident is None:
+                    w.start()
+
+    def _alive(self) -> bool:
+        with self.lock:
+            return any(w.is_alive() for w in [*self.workers.values(), *self.retiring])
+
+    def stop(self) -> None:
+        """Stop the sources; run() then flushes every open track and returns."""
+        self.stopping.set()
+        with self.lock:
+            workers = [*self.workers.values(), *self.retiring]
+        for w in workers:
+            w.stop()
+
+    def run(self) -> None:
+        """Process until every source has ended (files) or stop() was called, then flush."""
+        self.start_workers()
+        try:
+            while True:
+                self.heartbeat = time.monotonic()
+                items = self._drain()
+                self.heartbeat = time.monotonic()
+                if self.tick is not None:
+                    self.tick()
+                if items:
+                    self._process(items)
+                elif not self._alive() and self.queue.empty():
+                    break
+        finally:
+            if self._trace_file is not None:
+                self._trace_file.close()
+
+    def _drain(self) -> list:
+        try:
+            items = [self.queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        n = 1 if isinstance(items[0], Candidate) else 0
+        while n < self.scorer.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            items.append(item)
+            n += isinstance(item, Candidate)
+        return items
+
+    def _selector(self, camera: str) -> Selector:
+        """The selector of a camera (upstream inputs may name cameras that are not configured)."""
+        sel = self.selectors.get(camera)
+        if sel is None:
+            any_sel = next(iter(self.selectors.values()))
+            sel = self.selectors[camera] = Selector(any_sel.config, self.scorer.model_id, self._trace, self.enrich)
+        return sel
+
+    def _process(self, items: list) -> None:
+        cands = [i for i in items if isinstance(i, Candidate)]
+        if cands:
+            t = time.perf_counter()
+            for c, s in zip(cands, self.scorer.score([c.crop for c in cands]), strict=True):
+                c.scored = s
+            self.times.add("score", time.perf_counter() - t, len(cands))
+            self.scored += len(cands)
+        for item in items:
+            shot, end_wall = None, None
+            if isinstance(item, Candidate):
+                shot = self._selector(item.camera).add(item)
+            elif isinstance(item, tuple):
+                end, end_wall = item
+                shot = self._selector(end.camera).end(end)
+            elif isinstance(item, _Eos):
+                worker = item.worker
+                with self.lock:
+                    if self.workers.get(item.camera) is worker:
+                        del self.workers[item.camera]
+                    elif worker in self.retiring:
+                        self.retiring.remove(worker)
+                    self.finished.append(worker)
+                worker.detector = None  # only its counters are needed from now on
+                log.info("camera %s: ended after %d frames, %d faces detected%s", item.camera, worker.frames,
+                         worker.detections, f" ({worker.error})" if worker.error else "")
+            if shot is not None:
+                t = time.perf_counter()
+                if self.publish(shot):
+                    self.published += 1
+                self.times.add("publish", time.perf_counter() - t)
+                if end_wall is not None:
+                    self.end_latency_s.append(time.time() - end_wall)

@@ -1,0 +1,3 @@
+"""Where frames come from: video files and network streams (video), an upstream tracker's frames and tracks
+(upstream), the embedded demo clip (demo).
+"""

@@ -1,0 +1,154 @@
+"""An ERS for any FR model, calibrated at first use from images that ship inside the installed packages, so that
+every scored face and every message carries ERS without a data set (`bestshot ers calibrate` on LFW replaces it).
+
+Unrecognisable material (the UIC is its normalised mean embedding, as in Deng et al.):
+- the three face photos of the packages (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper), each
+  aligned crop degraded `degraded_draws` times at severity 0.8-1.0 (agent.quality.ers.degrade);
+- scikit-image's 100 LFW non-face patches (the negatives of its face-detection example);
+- the detector's false positives (score < 0.3, touching no face) on the packages' other photos, and random square
+  crops of those photos: what a drifting track or a spurious detection hands the scorer.
+Recognisable material, for the threshold: the three aligned faces and `positive_draws` light variants of each
+(mirror, rotation up to 10 degrees, scale 0.92-1.08, shift up to 4 %, degradation severity up to 0.2). The
+threshold is the max-balanced-accuracy cut between the two sets. docs/QUALITY.md compares the result with the LFW
+calibration on LFW's test split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from skimage import data as skdata
+
+from agent.common.cache import locked
+from agent.pipeline.align import align
+from agent.pipeline.detect import DetectorSpec, make_detector
+from agent.pipeline.score import Scorer
+from agent.pipeline.sources.demo import people
+from agent.quality.ers import (
+    ErsModel,
+    balanced_threshold,
+    degrade,
+    embed,
+    ers_path,
+    frame_false_positives,
+    load_ers,
+    save_ers,
+    unit_mean,
+)
+
+if TYPE_CHECKING:
+    from engines.prepare import PreparedFR
+
+log = logging.getLogger(__name__)
+
+FACE_SCORE = 0.5
+SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "text", "page", "coins", "hubble_deep_field",
+          "horse", "cell", "immunohistochemistry", "moon", "logo", "clock", "colorwheel")
+
+
+class BuiltinErsError(RuntimeError):
+    """The built-in ERS cannot be built with this detector."""
+
+
+def _bgr(image: np.ndarray) -> np.ndarray:
+    """scikit-image's RGB / grey / float arrays as 8-bit BGR."""
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        x = np.clip(x * 255.0 if x.max() <= 1.0 else x, 0, 255).astype(np.uint8)
+    if x.ndim == 2:
+        return cv2.cvtColor(x, cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(x, cv2.COLOR_RGBA2BGR if x.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+
+
+def face_photos() -> list[np.ndarray]:
+    """The astronaut, the cameraman and Grace Hopper (the first and last are the demo clip's people)."""
+    hopper, astronaut = (p.image for p in people())
+    return [astronaut, _bgr(skdata.camera()), hopper]
+
+
+def scenes() -> list[np.ndarray]:
+    return [_bgr(getattr(skdata, name)()) for name in SCENES]
+
+
+def _light_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    size = crop.shape[0]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    m = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-10, 10), rng.uniform(0.92, 1.08))
+    m[:, 2] += rng.uniform(-0.04, 0.04, 2) * size
+    warped = cv2.warpAffine(np.ascontiguousarray(crop), m, (size, size), borderMode=cv2.BORDER_REFLECT)
+    return degrade(warped, rng.uniform(0.0, 0.2), rng)
+
+
+def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,
+                degraded_draws: int = 30, background: int = 60) -> ErsModel:
+    """Build the UIC and threshold from the packages' images (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    size, spec = scorer.spec.input_size, scorer.spec
+    low = make_detector(replace(det_spec, score_threshold=0.05))  # one session: faces are its detections >= 0.5
+    faces, face_photo_fps = [], []
+    for photo in face_photos():
+        dets = low.detect(photo)
+        det = max((d for d in dets if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
+        if det is None:
+            raise BuiltinErsError(f"the {det_spec.kind} detector finds no face in one of the packages' face photos")
+        faces.append(align(photo, det, spec))
+        face_photo_fps += frame_false_positives(photo, dets, spec, FACE_SCORE, min_size=0.0)
+    positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
+    degraded = [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
+    patches = [cv2.resize(_bgr(p), (size, size), interpolation=cv2.INTER_LINEAR) for p in skdata.lfw_subset()[100:]]
+    photos = scenes()
+    # every size: the packaged photos give few false positives
+    false_pos = [c for photo in photos for c in frame_false_positives(photo, low.detect(photo), spec, FACE_SCORE,
+                                                                        min_size=0.0)] + face_photo_fps
+    crops = []
+    for _ in range(background):
+        photo = photos[rng.integers(len(photos))]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.1, 0.5) * min(h, w))
+        y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+        crops.append(cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA))
+    # in small batches: ONNX Runtime's arena keeps what the largest batch took, for the life of the agent
+    small = Scorer(scorer.spec, scorer.pair, min(scorer.max_batch, 4), scorer.model_id)
+    pos = embed(small, positive)[0]
+    neg = embed(small, degraded + patches + false_pos + crops)[0]
+    model = ErsModel(unit_mean(neg), 0.0, None, None)
+    pos_s, neg_s = model.scores(pos), model.scores(neg)
+    model.threshold = balanced_threshold(pos_s, neg_s)
+    model.info = {
+        "source": "builtin",
+        "built": {"method": "UIC = normalised mean of unrecognisable embeddings (Deng et al.), from images inside "
+                            "the installed packages (agent/quality/ers_builtin.py)",
+                  "detector": det_spec.kind, "seed": seed},
+        "counts": {"recognisable": len(positive), "degraded": len(degraded), "non_face_patches": len(patches),
+                   "false_positives": len(false_pos), "background_crops": len(crops)},
+        "separation": {"calibration": {
+            "recognisable_kept": round(float((pos_s >= model.threshold).mean()), 4),
+            "unrecognisable_rejected": round(float((neg_s < model.threshold).mean()), 4),
+            "ers_mean_recognisable": round(float(pos_s.mean()), 4),
+            "ers_mean_unrecognisable": round(float(neg_s.mean()), 4)}},
+    }
+    log.info("built-in ERS for %s: threshold %.3f from %d recognisable and %d unrecognisable crops",
+             scorer.model_id, model.threshold, len(pos), len(neg))
+    return model
+
+
+def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel | None:
+    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one), else a
+    built-in one, built now and saved beside the model. None (logged as an error) when it cannot be built: the
+    agent then runs without ERS (quality-weighted templates)."""
+    with locked(ers_path(prepared)):
+        model = load_ers(prepared)
+        if model is None:
+            try:
+                model = builtin_ers(scorer, det_spec)
+            except BuiltinErsError as e:
+                log.error("no ERS for %s: cannot build the built-in one (%s); messages carry no ERS until "
+                          "`bestshot ers calibrate` runs", scorer.model_id, e)
+                return None
+            log.info("saved %s (`bestshot ers calibrate` on LFW replaces it)", save_ers(prepared, model))
+    return model

@@ -1,0 +1,2 @@
+"""The agent as a service: YAML configuration, the process and its signals, metrics and health, systemd notify.
+"""

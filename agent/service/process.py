@@ -1,0 +1,170 @@
+"""The agent as a process: configuration -> models -> pipeline -> publisher, with signals.
+
+SIGTERM/SIGINT stop the sources, flush every open track's best shot, close the sockets with a bounded
+linger and return 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.common.cache import use_cache_root
+from agent.common.keys import KeyFileError
+from agent.pipeline.outputs.zeromq import Publisher
+from agent.pipeline.runner import Pipeline
+from agent.pipeline.score import build_scorer
+from agent.quality.diffprob import enrich_factory
+from agent.quality.ers_builtin import ensure_ers
+from agent.service import notify
+from agent.service.config import Config, ConfigError, load_config, to_camera
+from agent.service.metrics import Liveness, Metrics, serve
+from agent.service.notify import Watchdog
+from agent.types import BestShot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    frames: int
+    detections: int
+    scored: int
+    published: int
+    dropped: int
+    seconds: float
+    end_latency_ms_median: float | None
+
+
+class Agent:
+    """One running agent: owns the scorer, the pipeline and the publisher."""
+
+    def __init__(self, cfg: Config, trace: Path | None = None):
+        self.cfg = cfg
+        m = cfg.models
+        use_cache_root(m.cache_dir)  # the detectors and the demo clip follow the FR model there
+        self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
+                                                  m.cache_dir, cfg.backend, cfg.engines)
+        # ERS of the best shot, the track template and DiffProb's diverse shots
+        ers = ensure_ers(self.scorer, self.prepared, cfg.defaults.detector)
+        enrich = enrich_factory(ers, cfg.scoring.shots, cfg.scoring.template_weights)
+        self.publisher = Publisher(cfg.publisher_config())
+        log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
+        self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
+                                 trace=trace, tick=self.publisher.pump, enrich=enrich)
+
+    def _publish(self, shot: BestShot) -> bool:
+        ok = self.publisher.publish(shot)
+        log.info("camera %s track %d: %s shot, frame %d, quality %.3f (%d frames seen, %d scored)%s", shot.camera,
+                 shot.track_id, shot.status, shot.frame_index, shot.quality, shot.frames_seen, shot.frames_scored,
+                 "" if ok else " [dropped]")
+        return ok
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+    def reload(self, path: Path) -> bool:
+        """Apply a new configuration file's cameras: added ones start, removed ones stop (their open tracks
+        flushed), changed ones restart; the others are not disturbed. An invalid file changes nothing."""
+        notify.reloading()
+        try:
+            return self._reload(path)
+        finally:
+            notify.ready(f"{len(self.cfg.cameras)} camera(s), publishing on {self.publisher.endpoint}")
+
+    def _reload(self, path: Path) -> bool:
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            for err in e.errors:
+                log.error("reload rejected: %s: %s", e.source, err)
+            log.error("reload rejected: keeping the running configuration")
+            return False
+        if self.cfg.publisher.curve is not None:
+            try:
+                log.info("reload: %d authorized subscriber keys", self.publisher.reload_authorized_keys())
+            except KeyFileError as e:
+                log.error("reload: %s (keeping the previous allow-list)", e)
+        old = {c.id: c for c in self.cfg.cameras}
+        cams = {c.id: c for c in new.cameras}
+        removed = sorted(old.keys() - cams.keys())
+        changed = sorted(i for i in old.keys() & cams.keys() if old[i] != cams[i])
+        added = sorted(cams.keys() - old.keys())
+        try:
+            for cid in removed:
+                self.pipeline.remove_camera(cid)
+            for cid in changed + added:
+                self.pipeline.add_camera(to_camera(cams[cid]))
+        except (ValueError, FileNotFoundError) as e:
+            log.error("reload: %s", e)
+            return False
+        self.pipeline.start_workers()
+        ignored = [k for k in ("models", "backend", "scoring", "publisher", "metrics")
+                   if getattr(new, k) != getattr(self.cfg, k)]
+        if ignored:
+            log.warning("reload: changes to %s take effect at the next restart", ", ".join(ignored))
+        self.cfg = self.cfg.model_copy(update={"cameras": new.cameras, "defaults": new.defaults})
+        log.info("reloaded %s: %d cameras added, %d removed, %d restarted, %d untouched", path, len(added),
+                 len(removed), len(changed), len(cams) - len(added) - len(changed))
+        return True
+
+    def run(self) -> RunSummary:
+        t0 = time.monotonic()
+        try:
+            self.pipeline.run()
+        finally:
+            self.publisher.close()
+        workers = [*self.pipeline.finished, *self.pipeline.workers.values()]
+        lat = self.pipeline.end_latency_s
+        return RunSummary(
+            frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
+            scored=self.pipeline.scored, published=self.publisher.published, dropped=self.publisher.dropped,
+            seconds=time.monotonic() - t0,
+            end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
+        )
+
+
+def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None = None) -> RunSummary:
+    """Run until the sources end (files) or a SIGTERM/SIGINT arrives; SIGHUP reloads `config_path`."""
+    agent = Agent(cfg, trace)
+
+    def on_signal(signum, _frame) -> None:
+        log.info("%s: stopping the sources and flushing open tracks", signal.Signals(signum).name)
+        notify.stopping()
+        agent.stop()
+
+    def on_hup(_signum, _frame) -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no configuration file to reload (started without --config)")
+            return
+        log.info("SIGHUP: reloading %s", config_path)
+        threading.Thread(target=agent.reload, args=(config_path,), name="reload", daemon=True).start()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
+    liveness = Liveness(agent.pipeline)
+    server = None
+    if cfg.metrics.listen:
+        registry = Metrics().bind(agent.pipeline, agent.publisher).registry
+        server = serve(cfg.metrics.listen, registry, liveness.health)
+        log.info("metrics on http://%s/metrics, health on /healthz", cfg.metrics.listen)
+    watchdog = Watchdog(liveness.problems).start()  # pings only under systemd, only while the loops live
+    notify.ready(f"{len(cfg.cameras)} camera(s), publishing on {agent.publisher.endpoint}")
+    try:
+        summary = agent.run()
+    finally:
+        watchdog.stop()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("done: %d frames, %d faces detected, %d scored, %d shots published (%d dropped) in %.1f s",
+             summary.frames, summary.detections, summary.scored, summary.published, summary.dropped,
+             summary.seconds)
+    return summary

@@ -1,0 +1,194 @@
+"""agent.pipeline.sources.upstream over real ZeroMQ on tcp 127.0.0.1, fed by tests/upstream_sender.py with the shared
+clip's frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from upstream_sender import message, send, video_frames
+
+from agent.pipeline.sources.upstream import UpstreamOptions, UpstreamSource
+from agent.types import Frame, TrackedFace
+
+pytestmark = pytest.mark.timeout(30)
+Item = tuple[Frame, list[TrackedFace]]
+
+
+@pytest.fixture(scope="module")
+def clip(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "video" / "short_hamilton_clip.mp4"  # 640x360
+
+
+@pytest.fixture(scope="module")
+def frames(clip: Path) -> list[Frame]:
+    return list(video_frames(clip, "door", limit=12))
+
+
+@pytest.fixture
+def endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def tracks(frame: Frame) -> list[dict]:
+    """Every fourth frame has no face; odd frames add a track with neither score nor landmarks."""
+    i = frame.index
+    if i % 4 == 3:
+        return []
+    lead = {"id": 7, "box": [100 + i, 50, 180.5 + i, 160.25], "score": 0.875,
+            "landmarks": [[120 + i, 90], [160 + i, 90], [140 + i, 115], [125 + i, 135], [155 + i, 135]]}
+    return [lead, {"id": 9, "box": [400, 60, 440, 110]}] if i % 2 else [lead]
+
+
+def collect(source: UpstreamSource, n: int, timeout: float = 15.0) -> list[Item]:
+    """The first n items, or fewer if `timeout` s pass first."""
+    timer = threading.Timer(timeout, source.stop)
+    timer.start()
+    items = []
+    try:
+        for item in source.frames():
+            items.append(item)
+            if len(items) == n:
+                break
+    finally:
+        timer.cancel()
+    return items
+
+
+def assert_intact(item: Item, sent: Frame, exact: bool) -> None:
+    frame, faces = item
+    assert (frame.camera, frame.index, frame.pts) == (sent.camera, sent.index, sent.pts)
+    assert frame.image.shape == sent.image.shape and frame.image.dtype == np.uint8 and frame.wall_time > 0
+    error = np.abs(frame.image.astype(int) - sent.image).mean()
+    assert error == 0 if exact else error < 3  # JPEG at quality 90
+    expected = tracks(sent)
+    assert [f.track_id for f in faces] == [t["id"] for t in expected]
+    for face, track in zip(faces, expected, strict=True):
+        np.testing.assert_array_equal(face.det.bbox, np.float32(track["box"]))
+        assert face.det.score == track.get("score", 1.0)
+        if "landmarks" in track:
+            np.testing.assert_array_equal(face.det.landmarks, np.float32(track["landmarks"]))
+        else:
+            assert face.det.landmarks is None
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "raw"])
+def test_frames_and_tracks_arrive_intact(frames: list[Frame], endpoint: str, encoding: str) -> None:
+    source = UpstreamSource(UpstreamOptions(endpoint))
+    with ThreadPoolExecutor() as pool:
+        sent = pool.submit(send, endpoint, frames, tracks, encoding=encoding)
+        items = collect(source, len(frames))
+        assert sent.result(10) == len(frames)
+    assert len(items) == len(frames) and (source.received, source.malformed) == (len(frames), 0)
+    for item, frame in zip(items, frames, strict=True):
+        assert_intact(item, frame, exact=encoding == "raw")
+
+
+def test_cameras_sharing_a_bound_subscriber(clip: Path, endpoint: str) -> None:
+    source = UpstreamSource(UpstreamOptions(endpoint, bind=True))
+    lobby, door = list(video_frames(clip, "lobby", limit=8)), list(video_frames(clip, "door", limit=5))
+    with ThreadPoolExecutor() as pool:
+        sent = [pool.submit(send, endpoint, cam, tracks, bind=False, encoding=enc)
+                for cam, enc in ((lobby, "jpeg"), (door, "raw"))]
+        items = collect(source, 13)
+        assert [s.result(10) for s in sent] == [8, 5]
+    by_camera = {cam: [item for item in items if item[0].camera == cam] for cam in ("lobby", "door")}
+    assert [f.index for f, _ in by_camera["lobby"]] == list(range(8))  # in order within each camera
+    assert [f.index for f, _ in by_camera["door"]] == list(range(5))
+    for cam, sent_frames in (("lobby", lobby), ("door", door)):
+        for item, frame in zip(by_camera[cam], sent_frames, strict=True):
+            assert_intact(item, frame, exact=cam == "door")
+
+
+def publish(endpoint: str, messages: list[list[bytes]]) -> None:
+    """Send raw multipart messages from a bound XPUB once a subscriber is there."""
+    with zmq.Context.instance().socket(zmq.XPUB) as sock:
+        sock.setsockopt(zmq.LINGER, 5000)  # closing waits for what is queued to go out
+        sock.bind(endpoint)
+        assert sock.poll(10_000), "no subscriber"
+        sock.recv()
+        for parts in messages:
+            sock.send_multipart(parts)
+
+
+def test_malformed_messages_are_counted_logged_and_skipped(frames: list[Frame], endpoint: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    header, jpeg = message(frames[0], tracks(frames[0]))
+    meta = json.loads(header)
+    _, raw = message(frames[2], [], "raw")
+    bad = {
+        "not JSON": [b"{camera: door", jpeg],
+        "header lacks pts": [json.dumps({k: v for k, v in meta.items() if k != "pts"}).encode(), jpeg],
+        "does not decode": [header, b"\xff\xd8\xff\xe0 not a JPEG"],
+        "shape [360, 640, 3] needs 691200": [json.dumps({**meta, "encoding": "raw", "shape": [360, 640, 3]}).encode(),
+                                             raw[:-640]],
+        "tracks[0].box [30.0, 10.0, 20.0, 40.0] needs x1 < x2": [
+            json.dumps({**meta, "tracks": [{"id": 1, "box": [30, 10, 20, 40]}]}).encode(), jpeg],
+        "tracks[1].landmarks must be five [x, y] points": [
+            json.dumps({**meta, "tracks": [{"id": 1, "box": [0, 0, 9, 9]}, {"id": 2, "box": [0, 0, 9, 9],
+                                                                          "landmarks": [[1, 2]]}]}).encode(), jpeg],
+        "1 message frames": [header],
+    }
+    messages = [[header, jpeg], *bad.values(), message(frames[1], tracks(frames[1]), topic=b"door")]
+    source = UpstreamSource(UpstreamOptions(endpoint))
+    with caplog.at_level(logging.ERROR, logger="agent.pipeline.sources.upstream"), ThreadPoolExecutor() as pool:
+        done = pool.submit(publish, endpoint, messages)
+        items = collect(source, 2)
+        done.result(10)
+    assert len(items) == 2 and (source.received, source.malformed) == (len(messages), len(bad))
+    assert_intact(items[0], frames[0], exact=False)
+    assert_intact(items[1], frames[1], exact=False)  # after all the bad ones, and with a topic frame
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == len(bad)
+    for cause, error in zip(bad, errors, strict=True):
+        assert cause in error and "malformed message skipped" in error
+
+
+def test_topic_filter_takes_matching_topic_frames_only(frames: list[Frame], endpoint: str) -> None:
+    topics = [b"cam1", b"cam2", None, b"cam10", b"cam1"]
+    messages = [message(frames[i], tracks(frames[i]), topic=topic) for i, topic in enumerate(topics)]
+    source = UpstreamSource(UpstreamOptions(endpoint, topic=b"cam1"))
+    with ThreadPoolExecutor() as pool:
+        done = pool.submit(publish, endpoint, messages)
+        items = collect(source, 3)
+        done.result(10)
+    assert [f.index for f, _ in items] == [0, 3, 4] and source.received == 3
+
+
+def test_stop_ends_iteration_promptly(endpoint: str) -> None:
+    source = UpstreamSource(UpstreamOptions(endpoint, poll_ms=100))  # nobody publishes there
+    reader = threading.Thread(target=lambda: list(source.frames()))
+    reader.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    source.stop()
+    reader.join(2)
+    assert not reader.is_alive() and time.monotonic() - start < 0.5
+
+
+def test_sender_script_sends_boxes_from_a_json_file(clip: Path, frames: list[Frame], endpoint: str,
+                                                    tmp_path: Path) -> None:
+    boxes = {str(i): tracks(frames[i]) for i in (0, 1, 2)}  # frames 3 and 4: none
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    script = Path(__file__).parents[1] / "upstream_sender.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--video", str(clip), "--endpoint", endpoint, "--camera",
+                             "door", "--encoding", "raw", "--topic", "door", "--limit", "5", "--boxes",
+                             str(tmp_path / "boxes.json")])
+    items = collect(UpstreamSource(UpstreamOptions(endpoint, topic=b"door")), 5)
+    assert proc.wait(20) == 0
+    assert [f.index for f, _ in items] == list(range(5))
+    for frame, faces in items:
+        assert [f.track_id for f in faces] == [t["id"] for t in boxes.get(str(frame.index), [])]
+        np.testing.assert_array_equal(frame.image, frames[frame.index].image)
