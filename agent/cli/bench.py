@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 FORMS = ("dense", "dense+twin", "trunk")
 
 
-def _time(fn, batch: np.ndarray, faces: int) -> float:
-    fn(batch)  # warm-up
-    reps = max(1, faces // len(batch))
+def _time(fn, batch: np.ndarray, faces: int, warmup: int = 1, min_reps: int = 1) -> float:
+    """Milliseconds per face of `fn(batch)` over about `faces` faces, after `warmup` calls."""
+    for _ in range(warmup):
+        fn(batch)
+    reps = max(min_reps, faces // len(batch))
     t0 = time.perf_counter()
     for _ in range(reps):
         fn(batch)
@@ -209,16 +211,6 @@ def _gpu_memory_used_mb() -> float | None:
         return float(out[0]) if out else None
 
 
-def _per_face_ms(fn, batch: np.ndarray, faces: int) -> float:
-    for _ in range(3):
-        fn(batch)
-    reps = max(5, faces // len(batch))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn(batch)
-    return (time.perf_counter() - t0) * 1000.0 / (reps * len(batch))
-
-
 def bench_score_gpu(prepared: PreparedFR, backend: str = "tensorrt", batches: Sequence[int] = (1, 8, 32, 128),
                     faces: int = 2048, opts: EngineOptions | None = None) -> dict:
     """`bestshot bench score --backend tensorrt|onnxruntime-cuda`: faces/s of dense, sparse (twin) and the pair
@@ -247,7 +239,8 @@ def bench_score_gpu(prepared: PreparedFR, backend: str = "tensorrt", batches: Se
     rows = []
     for b in batches:
         x = rng.normal(size=(b, 3, spec.input_size, spec.input_size)).astype(np.float32)
-        ms = {k: _per_face_ms(fn, x, faces) for k, fn in (("dense", dense), ("sparse", sparse), ("pair", pair))}
+        runs = (("dense", dense), ("sparse", sparse), ("pair", pair))
+        ms = {k: _time(fn, x, faces, warmup=3, min_reps=5) for k, fn in runs}
         rows.append({"batch": b, **{f"{k}_faces_per_s": round(1000.0 / v, 1) for k, v in ms.items()},
                      "sparse_over_dense_time": round(ms["sparse"] / ms["dense"], 3)})
         log.info("batch %d: %s", b, rows[-1])
