@@ -40,9 +40,15 @@ class Frame:
 class Scored:
     """What the scorer says of one aligned crop."""
 
-    quality: float  # PreFIQs Q = 1 - D/2, in [0, 1], higher is better
+    quality: float  # the selection score in [0, 1], higher is better (agent/quality/selection.py); PreFIQs without one
     drift: float  # D = ||e_dense - e_twin||_2 of the L2-normalised embeddings
     embedding: np.ndarray = field(repr=False)  # dense embedding, L2-normalised float32
+    prefiqs: float | None = None  # PreFIQs Q = 1 - D/2 (filled in from drift when not given)
+    cues: dict[str, float] = field(default_factory=dict)  # the selection score's ingredients, by name
+
+    def __post_init__(self) -> None:
+        if self.prefiqs is None:
+            self.prefiqs = 1.0 - self.drift / 2.0
 
 
 @dataclass
@@ -67,8 +73,9 @@ class BestShot:
     bbox: np.ndarray
     landmarks: np.ndarray | None
     det_score: float
-    quality: float
+    quality: float  # the selection score (Scored.quality)
     drift: float
+    prefiqs: float  # PreFIQs Q = 1 - drift / 2
     frames_seen: int
     frames_scored: int
     model_id: str

@@ -20,7 +20,7 @@ from agent.common.fr_spec import FRSpec, preprocess
 from agent.common.progress import Progress
 from engines.prepare import PreparedFR, build_manifest, prepare_fr, save_onnx
 from engines.prune import Recipe, prunable_layers, prune
-from engines.twin import shared_trunk
+from engines.twin import STAT_DEPTHS, shared_trunk
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def prepare_activation(spec: FRSpec, recipe: Recipe, crops: np.ndarray, root: Pa
         manifest = read_json(rdir / "manifest.json")
         fresh = (manifest and manifest.get("dense_sha256") == mag.manifest["dense_sha256"]
                  and manifest.get("recipe") == str(recipe) and manifest.get("calibration", {}).get("sha256") == digest
-                 and twin.is_file() and pair.is_file())
+                 and manifest.get("activation_stats") == list(STAT_DEPTHS) and twin.is_file() and pair.is_file())
         if not fresh:
             log.info("pruning %s with recipe %s, calibrated on %d faces", spec.name, recipe, len(crops))
             rdir.mkdir(parents=True, exist_ok=True)

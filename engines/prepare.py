@@ -21,7 +21,7 @@ import onnx
 from agent.common.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
 from agent.common.fr_spec import FRSpec
 from engines.prune import Recipe, is_24, prunable_layers, prune
-from engines.twin import shared_trunk
+from engines.twin import STAT_DEPTHS, shared_trunk
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def prepare_fr(spec: FRSpec, recipe: Recipe | str | None = None, root: Path | No
             manifest
             and manifest.get("dense_sha256") == base_manifest["dense_sha256"]
             and manifest.get("recipe") == str(recipe)
+            and manifest.get("activation_stats") == list(STAT_DEPTHS)
             and twin.is_file()
             and pair.is_file()
         )
@@ -158,6 +159,7 @@ def build_manifest(
         "layers_total": len(layers),
         "sparsity": {w: round(s, 4) for w, s in pruned.items()},
         "pattern_2_4_verified": pattern_ok,
+        "activation_stats": list(STAT_DEPTHS),
     }
 
 

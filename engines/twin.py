@@ -1,8 +1,12 @@
-"""The shared-trunk graph: one ONNX model with two outputs, the dense and the pruned twin embedding.
+"""The shared-trunk graph: one ONNX model whose first two outputs are the dense and the pruned twin embedding.
 
 Every node that depends, directly or through later paths (residual adds included), on a pruned
 weight is duplicated with the pruned weights; every node before the first pruned one is shared, so a
 deep recipe costs a fraction of a second dense pass instead of a whole one.
+
+The graph also reports the dense pass's activation statistics at STAT_DEPTHS (per channel, the spatial mean of x
+and of x^2 of the input of the Conv at that relative depth): free by-products that the selection score compares
+with their values on clean calibration faces (agent/quality/selection.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from onnx import helper
 log = logging.getLogger(__name__)
 
 TWIN = "twin/"
+# Relative depths (in Conv order) whose input activations the pair reports; for FaceNet the outputs of
+# Conv2d_4b_3x3 and Mixed_6a, chosen on the tuning split (docs/QUALITY.md, "Selection score").
+STAT_DEPTHS = (0.05, 0.34)
+STATS = "stats/"
 
 
 def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str = "embedding_twin") -> onnx.ModelProto:
@@ -67,9 +75,37 @@ def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str
     vi.name = twin_output
     g.output.append(vi)
     del g.value_info[:]
+    add_activation_stats(merged)
     onnx.checker.check_model(merged)
     log.info("shared trunk: %d of %d nodes duplicated for the twin", dup, len(dense.graph.node))
     return merged
+
+
+def stat_tensors(model: onnx.ModelProto, depths: tuple[float, ...] = STAT_DEPTHS) -> list[str]:
+    """The tensors whose statistics the pair reports: the input of the Conv at each relative depth."""
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and not n.name.startswith(TWIN)]
+    if not convs:
+        return []
+    return [convs[min(round(d * len(convs)), len(convs) - 1)].input[0] for d in depths]
+
+
+def add_activation_stats(model: onnx.ModelProto, depths: tuple[float, ...] = STAT_DEPTHS) -> None:
+    """Append outputs `stats/<i>/mean` and `stats/<i>/meansq` [N, C] (spatial means of x and x^2, NCHW) for each
+    tensor of `stat_tensors`."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    g = model.graph
+    for i, tensor in enumerate(stat_tensors(model, depths)):
+        sq = f"{STATS}{i}/square"
+        g.node.append(helper.make_node("Mul", [tensor, tensor], [sq], name=sq))
+        for src, name in ((tensor, f"{STATS}{i}/mean"), (sq, f"{STATS}{i}/meansq")):
+            if opset >= 18:  # axes became an input
+                axes = f"{STATS}axes"
+                if not any(t.name == axes for t in g.initializer):
+                    g.initializer.append(helper.make_tensor(axes, onnx.TensorProto.INT64, [2], [2, 3]))
+                g.node.append(helper.make_node("ReduceMean", [src, axes], [name], name=name, keepdims=0))
+            else:
+                g.node.append(helper.make_node("ReduceMean", [src], [name], name=name, axes=[2, 3], keepdims=0))
+            g.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", "channels"]))
 
 
 def count_macs(model: onnx.ModelProto) -> dict[str, int]:

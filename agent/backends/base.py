@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -39,6 +40,27 @@ class Backend(Protocol):
     output_names: list[str]
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class Forward:
+    """One batch through the dense model and its twin: both raw embeddings and, where the form reports them, the
+    dense pass's activation statistics by output name (engines/twin.py: `stats/<i>/mean`, `stats/<i>/meansq`)."""
+
+    dense: np.ndarray
+    twin: np.ndarray
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class PairBase:
+    """`embed` for every pair: the two embeddings of `forward`."""
+
+    def forward(self, batch: np.ndarray) -> Forward:
+        raise NotImplementedError
+
+    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = self.forward(batch)
+        return f.dense, f.twin
 
 
 def default_threads() -> int:

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.backends.base import Backend, select_backend
+from agent.backends.base import Backend, Forward, PairBase, select_backend
 from agent.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeCudaBackend, require_cuda_provider
 from engines.prepare import PreparedFR
 from engines.trt_build import EngineOptions
@@ -18,35 +18,38 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddingPair(Protocol):
-    """Computes the dense and the pruned-twin embedding of one preprocessed batch."""
+    """Computes the dense and the pruned-twin embedding of one preprocessed batch (`forward` adds the activation
+    statistics where the form reports them)."""
+
+    def forward(self, batch: np.ndarray) -> Forward: ...
 
     def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class SharedTrunk:
-    """One model with two outputs (dense, twin): the layers before the first pruned one run once."""
+class SharedTrunk(PairBase):
+    """One model whose first two outputs are dense and twin (the layers before the first pruned one run once);
+    further outputs are the dense pass's activation statistics."""
 
     def __init__(self, backend: Backend):
-        if len(backend.output_names) != 2:
-            raise ValueError(f"the shared-trunk model needs 2 outputs, has {backend.output_names}")
+        if len(backend.output_names) < 2:
+            raise ValueError(f"the shared-trunk model needs 2 outputs or more, has {backend.output_names}")
         self.backend = backend
 
-    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: np.ndarray) -> Forward:
         out = self.backend.run(batch)
-        dense, twin = (out[n] for n in self.backend.output_names)
-        return dense, twin
+        dense, twin, *stats = self.backend.output_names
+        return Forward(out[dense], out[twin], {n: out[n] for n in stats})
 
 
-class SeparateTwins:
-    """The dense model and the pruned twin as two models (the form TensorRT's sparse engine takes)."""
+class SeparateTwins(PairBase):
+    """The dense model and the pruned twin as two models (no activation statistics)."""
 
     def __init__(self, dense: Backend, twin: Backend):
         self.dense, self.twin = dense, twin
 
-    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = self.dense.run(batch)[self.dense.output_names[0]]
-        t = self.twin.run(batch)[self.twin.output_names[0]]
-        return d, t
+    def forward(self, batch: np.ndarray) -> Forward:
+        dense = self.dense.run(batch)[self.dense.output_names[0]]
+        return Forward(dense, self.twin.run(batch)[self.twin.output_names[0]])
 
 
 FORMS = ("trunk", "separate")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends.base import BackendUnavailable
+from agent.backends.base import BackendUnavailable, Forward, PairBase
 from engines import gpu
 from engines.prepare import PreparedFR
 from engines.trt_build import EngineError, EngineMismatch, EngineOptions, build_engines
@@ -155,17 +155,18 @@ class TensorRTBackend:
         return {self.output_names[0]: self.runner.run(batch)[0]}
 
 
-class TensorRTPair:
-    """EmbeddingPair on the dense and the sparse engine: one upload, both engines, one sync."""
+class TensorRTPair(PairBase):
+    """EmbeddingPair on the dense and the sparse engine: one upload, both engines, one sync (no activation
+    statistics: the selection score falls back to its form without them)."""
 
     name = "tensorrt"
 
     def __init__(self, dense: Path, sparse: Path, graph_batches: Sequence[int] = ()):
         self.runner = TensorRTRunner([dense, sparse], graph_batches)
 
-    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: np.ndarray) -> Forward:
         dense, twin = self.runner.run(batch)
-        return dense, twin
+        return Forward(dense, twin)
 
 
 def tensorrt_pair(prepared: PreparedFR, opts: EngineOptions | None = None,

@@ -25,7 +25,7 @@ from engines.trt_build import EngineOptions, Profile, build_engines
 
 log = logging.getLogger(__name__)
 
-FORMS = ("dense", "dense+twin", "trunk")
+FORMS = ("dense", "dense+twin", "trunk", "selection")
 
 
 def _time(fn, batch: np.ndarray, faces: int, warmup: int = 1, min_reps: int = 1) -> float:
@@ -65,6 +65,16 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
             prepared = prepare_fr(FACENET, recipe, Path(cache) if cache else None)
             if form == "dense":
                 run = OnnxRuntimeBackend(prepared.dense, threads).run
+            elif form == "selection":  # the shared trunk, its statistics, ERS and the fused score
+                from agent.pipeline.detect import DetectorSpec
+                from agent.pipeline.score import Scorer
+                from agent.quality.selection import with_selection
+
+                scorer = Scorer(FACENET, build_pair(prepared, "trunk", threads, "onnxruntime"), batch_size)
+                with_selection(scorer, prepared, DetectorSpec(threads=threads))  # loads what bench_score built
+
+                def run(b):
+                    return scorer.selection(scorer.evidence_of(b))
             else:
                 pair = build_pair(prepared, "separate" if form == "dense+twin" else "trunk", threads, "onnxruntime")
                 run = pair.embed
@@ -88,10 +98,17 @@ def _measure(form: str, batch: int, faces: int, recipe: str, threads: int | None
 
 def bench_score(recipe: str | None, batches: list[int], faces: int, threads: int | None, cache: Path | None,
                 out: TextIO) -> list[dict]:
+    from agent.backends.pairs import build_pair
     from agent.common.fr_spec import FACENET
+    from agent.pipeline.detect import DetectorSpec
+    from agent.pipeline.score import Scorer
+    from agent.quality.selection import with_selection
     from engines.prepare import prepare_fr
 
-    recipe = str(prepare_fr(FACENET, recipe, cache).recipe)  # once, outside the timed processes
+    prepared = prepare_fr(FACENET, recipe, cache)  # once, outside the timed processes, with the selection's ERS
+    with_selection(Scorer(FACENET, build_pair(prepared, "trunk", threads, "onnxruntime")), prepared,
+                   DetectorSpec(threads=threads))
+    recipe = str(prepared.recipe)
     out.write(f"# bestshot bench score: recipe {recipe}, threads {threads or 'all'}, "
               f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores\n")
     ref_ms, ref_rss = _measure("cv2.dnn", 1, max(8, faces // 4), recipe, threads, cache)
@@ -109,7 +126,8 @@ def bench_score(recipe: str | None, batches: list[int], faces: int, threads: int
     for batch in batches:
         by = {r["form"]: r["ms_per_face"] for r in rows if r["batch"] == batch}
         sep, trunk = by["dense+twin"] / by["dense"] - 1, by["trunk"] / by["dense"] - 1
-        out.write(f"batch {batch}: cost over dense: separate twin {sep:+.0%}, shared trunk {trunk:+.0%}\n")
+        out.write(f"batch {batch}: cost over dense: separate twin {sep:+.0%}, shared trunk {trunk:+.0%}, "
+                  f"selection score {by['selection'] / by['dense']:.2f}x the dense pass\n")
     return rows
 
 

@@ -44,13 +44,13 @@ def cmd_score(args) -> int:
     from agent.cli.score import score_paths
     from agent.pipeline.detect import make_detector
     from agent.pipeline.score import build_scorer
-    from agent.quality.ers_builtin import ensure_ers
+    from agent.quality.selection import with_selection
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     detector = None if args.aligned else make_detector(det)
-    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding,
-                        ensure_ers(scorer, prepared, det))
+    ers = with_selection(scorer, prepared, det, args.selection)
+    stats = score_paths(args.paths, scorer, detector, sys.stdout, args.json, args.embedding, ers)
     log.info("%d images, %d faces scored, %d files failed", stats.images, stats.faces, stats.failed)
     return 1 if stats.failed else 0
 
@@ -234,6 +234,13 @@ def cmd_eval_tracks(args) -> int:
 def cmd_tune(args) -> int:
     from agent.quality.tune import RECIPES, tune
 
+    if args.selection:
+        from agent.quality.tune import tune_selection
+
+        res = tune_selection(args.out, lfw=args.shared / "data/lfw", seed=args.seed, threads=args.threads,
+                             cache=args.cache)
+        log.info("wrote %s (%.0f s)", args.out / "tune-selection.md", res["seconds"])
+        return 0
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
     res = tune(args.out, recipes, lfw=args.shared / "data/lfw", seed=args.seed, limit=args.limit,
                threads=args.threads, cache=args.cache)
@@ -244,11 +251,12 @@ def cmd_tune(args) -> int:
 def cmd_eval_templates(args) -> int:
     from agent.pipeline.score import build_scorer
     from agent.quality.ers import evaluate_templates
-    from agent.quality.ers_builtin import ensure_ers
+    from agent.quality.selection import with_selection
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
-    res = evaluate_templates(scorer, det, args.shared, ensure_ers(scorer, prepared, det), max_people=args.max_people)
+    ers = with_selection(scorer, prepared, det)
+    res = evaluate_templates(scorer, det, args.shared, ers, max_people=args.max_people)
     sys.stdout.write(json.dumps(res, indent=2) + "\n")
     return 0
 
@@ -258,12 +266,11 @@ def cmd_curate(args) -> int:
     from agent.pipeline.score import build_scorer
     from agent.quality.curate import curate
     from agent.quality.diffprob import identity_floor
-    from agent.quality.ers import load_ers
-    from agent.quality.ers_builtin import ensure_ers
+    from agent.quality.selection import with_selection
 
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
-    ers = ensure_ers(scorer, prepared, det) if args.drop_unrecognisable else load_ers(prepared)
+    ers = with_selection(scorer, prepared, det)  # the quality DiffProb visits frames by
     if args.drop_unrecognisable and ers is None:
         log.error("--drop-unrecognisable needs an ERS for this model (see the error above)")
         return 2
@@ -283,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned", action="store_true", help="each image is already an aligned face crop")
     p.add_argument("--json", action="store_true", help="one JSON object per face (default: text lines)")
     p.add_argument("--embedding", action="store_true", help="include the dense embedding (with --json)")
+    p.add_argument("--selection", choices=["fused", "prefiqs"], default="fused",
+                   help="what quality is (scoring.selection): fused (default) or PreFIQs alone")
     _common(p)
     p.set_defaults(func=cmd_score)
 
@@ -345,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", type=Path, default=default_shared)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="at most this many tuning people (quick run)")
+    p.add_argument("--selection", action="store_true",
+                   help="fit the selection score's weights and probability instead (agent/quality/selection.py)")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache", type=Path)
     p.set_defaults(func=cmd_tune)

@@ -40,8 +40,11 @@ def _face_record(path: Path, i: int, det: Detection | None, s, with_embedding: b
         "landmarks": None if det is None or det.landmarks is None else _round(det.landmarks),
         "det_score": None if det is None else round(float(det.score), 4),
         "quality": round(s.quality, 5),
+        "prefiqs": round(s.prefiqs, 5),
         "drift": round(s.drift, 5),
     }
+    if s.cues:
+        rec["cues"] = {k: round(v, 5) for k, v in s.cues.items()}
     if with_embedding:
         rec["embedding"] = [round(float(v), 6) for v in s.embedding]
     return rec
@@ -76,7 +79,8 @@ def score_paths(
         if not crops:
             log.info("%s: no face found", path)
             continue
-        for i, (det, s) in enumerate(zip(dets, scorer.score(crops), strict=True)):
+        scored = scorer.score(crops, [d.score if d else float("nan") for d in dets])
+        for i, (det, s) in enumerate(zip(dets, scored, strict=True)):
             rec = _face_record(path, i, det, s, with_embedding)
             if ers is not None:
                 rec["ers"] = round(ers.score(s.embedding), 4)
@@ -84,7 +88,7 @@ def score_paths(
                 out.write(json.dumps(rec) + "\n")
             else:
                 box = "" if det is None else " box=" + ",".join(f"{v:.0f}" for v in det.bbox)
-                out.write(f"{path} face {i}{box} quality={s.quality:.4f} drift={s.drift:.4f}\n")
+                out.write(f"{path} face {i}{box} quality={s.quality:.4f} prefiqs={s.prefiqs:.4f} drift={s.drift:.4f}\n")
             stats.faces += 1
         out.flush()
     return stats
@@ -92,9 +96,10 @@ def score_paths(
 
 def models_report(prepared, detector_path: Path | None) -> dict:
     """What `bestshot models` shows: each model file, its sha256, input spec, recipe and sparsity, and the ERS
-    calibration saved beside it (None until the first run or `bestshot ers calibrate`)."""
+    calibration saved beside it (None until the first run or `bestshot ers calibrate`), and the selection score's."""
     from agent.common.cache import sha256_file
     from agent.quality.ers import ers_path, load_ers
+    from agent.quality.selection import selection_path
 
     spec, man = prepared.spec, prepared.manifest
     sparsity = man.get("sparsity", {})
@@ -118,6 +123,8 @@ def models_report(prepared, detector_path: Path | None) -> dict:
     ers = load_ers(prepared)
     fr["ers"] = None if ers is None else {"source": ers.info.get("source"), "threshold": round(ers.threshold, 4),
                                           "path": str(ers_path(prepared))}
+    sel = selection_path(prepared)
+    fr["selection"] = {"path": str(sel), "activation_stats": man.get("activation_stats")} if sel.is_file() else None
     out = {"fr": fr}
     if detector_path is not None:
         out["detector"] = {"path": str(detector_path), "sha256": sha256_file(detector_path)}
@@ -137,6 +144,9 @@ def print_models(report: dict, out: TextIO = sys.stdout) -> None:
     ers = fr["ers"]
     out.write(f"  ERS    {ers['path']}  {ers['source']} calibration, threshold {ers['threshold']}\n" if ers
               else "  ERS    not calibrated yet (built at the first run, or `bestshot ers calibrate`)\n")
+    sel = fr.get("selection")
+    out.write(f"  selection calibration {sel['path']} (activation statistics at depths {sel['activation_stats']})\n"
+              if sel else "  selection score not calibrated yet (built at the first run)\n")
     if "detector" in report:
         d = report["detector"]
         out.write(f"detector {d['path']}  sha256 {d['sha256'][:16]}\n")

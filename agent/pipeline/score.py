@@ -1,10 +1,17 @@
-"""PreFIQs scoring: aligned crops -> dense and twin embeddings -> drift D and quality Q = 1 - D/2."""
+"""Scoring: aligned crops -> dense and twin embeddings -> PreFIQs drift D (Q = 1 - D/2) -> the selection score.
+
+The selection score (what the selector ranks by) is a `Selection` hook that the service wires in from
+agent/quality/selection.py: it fuses PreFIQs with the other evidence of the same pass (ERS of the dense embedding,
+the dense pass's activation statistics, the detector's confidence). Without a hook, quality is PreFIQs' Q.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -29,19 +36,51 @@ def prefiqs(dense: np.ndarray, twin: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return 1.0 - drift / 2.0, drift, d
 
 
-class Scorer:
-    """Scores aligned crops in batches of at most `max_batch`."""
+@dataclass
+class Evidence:
+    """What one scoring pass knows of a batch of faces, for the selection score."""
 
-    def __init__(self, spec: FRSpec, pair: EmbeddingPair, max_batch: int = 32, model_id: str = ""):
+    drift: np.ndarray  # (N,) PreFIQs drift
+    dense: np.ndarray  # (N, d) L2-normalised dense embeddings
+    stats: dict[str, np.ndarray]  # activation statistics by output name (empty where the backend has none)
+    det_score: np.ndarray  # (N,) detector confidence, NaN where unknown (aligned crops given as they are)
+
+
+class Selection(Protocol):
+    """Evidence -> (selection score in [0, 1] per face, the named ingredients per face)."""
+
+    def __call__(self, ev: Evidence) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+
+class Scorer:
+    """Scores aligned crops in batches of at most `max_batch`; `selection` (None: PreFIQs) makes `quality`."""
+
+    def __init__(self, spec: FRSpec, pair: EmbeddingPair, max_batch: int = 32, model_id: str = "",
+                 selection: Selection | None = None):
         self.spec, self.pair, self.max_batch = spec, pair, max_batch
         self.model_id = model_id or spec.name
+        self.selection = selection
 
-    def score(self, crops: Sequence[np.ndarray]) -> list[Scored]:
+    def evidence(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None) -> Evidence:
+        """One forward pass over at most `max_batch` crops."""
+        return self.evidence_of(preprocess(list(crops), self.spec), det_scores)
+
+    def evidence_of(self, batch: np.ndarray, det_scores: Sequence[float] | None = None) -> Evidence:
+        """One forward pass over a preprocessed batch."""
+        f = self.pair.forward(batch)
+        _, drift, dense = prefiqs(f.dense, f.twin)
+        det = np.full(len(batch), np.nan) if det_scores is None else np.asarray(det_scores, np.float64)
+        return Evidence(drift, dense, f.stats, det)
+
+    def score(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None) -> list[Scored]:
         out: list[Scored] = []
         for i in range(0, len(crops), self.max_batch):
-            chunk = list(crops[i : i + self.max_batch])
-            q, dr, emb = prefiqs(*self.pair.embed(preprocess(chunk, self.spec)))
-            out.extend(Scored(float(a), float(b), e) for a, b, e in zip(q, dr, emb, strict=True))
+            ev = self.evidence(crops[i : i + self.max_batch],
+                               None if det_scores is None else det_scores[i : i + self.max_batch])
+            pq = 1.0 - ev.drift / 2.0
+            q, cues = self.selection(ev) if self.selection is not None else (pq, {})
+            out.extend(Scored(float(q[j]), float(ev.drift[j]), ev.dense[j], float(pq[j]),
+                              {k: float(v[j]) for k, v in cues.items()}) for j in range(len(ev.drift)))
         return out
 
 

@@ -200,7 +200,8 @@ class Selector:
         if self.trace:
             self.trace({"event": "scored", "camera": cand.camera, "track_id": cand.track_id,
                         "frame_index": cand.frame_index, "pts": round(cand.pts, 4), "quality": q,
-                        "drift": cand.scored.drift, "det_score": float(cand.det.score), "size": cand.det.size,
+                        "prefiqs": cand.scored.prefiqs, "cues": cand.scored.cues, "drift": cand.scored.drift,
+                        "det_score": float(cand.det.score), "size": cand.det.size,
                         "sharpness": round(cand.sharpness, 2)})
         if st.best is None or q > st.best.scored.quality:
             st.best = cand
@@ -230,7 +231,7 @@ class Selector:
         b = st.best
         status = "update" if end.update_only else (
             "best" if b.scored.quality >= self.config.min_quality else "unrecognisable")
-        extra: dict = {}
+        extra: dict = {"cues": {k: round(v, 5) for k, v in b.scored.cues.items()}} if b.scored.cues else {}
         if self.config.top_k > 1:
             extra["top_k"] = [{"frame_index": c.frame_index, "pts": round(c.pts, 4), "quality": c.scored.quality}
                               for c in st.top]
@@ -239,7 +240,7 @@ class Selector:
         shot = BestShot(
             camera=b.camera, track_id=b.track_id, status=status, first_seen=end.first_seen, best_time=b.pts,
             last_seen=end.last_seen, frame_index=b.frame_index, bbox=b.det.bbox, landmarks=b.det.landmarks,
-            det_score=float(b.det.score), quality=b.scored.quality, drift=b.scored.drift,
+            det_score=float(b.det.score), quality=b.scored.quality, drift=b.scored.drift, prefiqs=b.scored.prefiqs,
             frames_seen=end.frames_seen, frames_scored=st.frames_scored, model_id=self.model_id,
             crop=b.crop, context=b.context, embedding=b.scored.embedding, extra=extra,
         )

@@ -24,8 +24,9 @@ import numpy as np
 from skimage import data as skdata
 
 from agent.common.cache import locked
+from agent.common.fr_spec import FRSpec
 from agent.pipeline.align import align
-from agent.pipeline.detect import DetectorSpec, make_detector
+from agent.pipeline.detect import Detector, DetectorSpec, make_detector
 from agent.pipeline.score import Scorer
 from agent.pipeline.sources.demo import people
 from agent.quality.ers import (
@@ -84,22 +85,44 @@ def _light_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return degrade(warped, rng.uniform(0.0, 0.2), rng)
 
 
+def _faces(low: Detector, spec: FRSpec, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The packaged face photos' aligned faces, and the detector's false positives on those photos."""
+    faces, false_pos = [], []
+    for photo in face_photos():
+        dets = low.detect(photo)
+        det = max((d for d in dets if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
+        if det is None:
+            raise BuiltinErsError(f"the {kind} detector finds no face in one of the packages' face photos")
+        faces.append(align(photo, det, spec))
+        false_pos += frame_false_positives(photo, dets, spec, FACE_SCORE, min_size=0.0)
+    return faces, false_pos
+
+
+def _variants(faces: list[np.ndarray], rng: np.random.Generator, positive_draws: int,
+              degraded_draws: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(the faces and their light variants, their severely degraded copies)."""
+    positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
+    return positive, [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
+
+
+def calibration_faces(scorer: Scorer, det_spec: DetectorSpec | None = None, seed: int = 0, positive_draws: int = 20,
+                      degraded_draws: int = 30) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The recognisable and the severely degraded packaged faces of `builtin_ers` (the selection score's
+    calibration material, agent/quality/selection.py)."""
+    det_spec = det_spec or DetectorSpec()
+    low = make_detector(replace(det_spec, score_threshold=0.05))
+    faces, _ = _faces(low, scorer.spec, det_spec.kind)
+    return _variants(faces, np.random.default_rng(seed), positive_draws, degraded_draws)
+
+
 def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,
                 degraded_draws: int = 30, background: int = 60) -> ErsModel:
     """Build the UIC and threshold from the packages' images (see the module doc)."""
     rng = np.random.default_rng(seed)
     size, spec = scorer.spec.input_size, scorer.spec
     low = make_detector(replace(det_spec, score_threshold=0.05))  # one session: faces are its detections >= 0.5
-    faces, face_photo_fps = [], []
-    for photo in face_photos():
-        dets = low.detect(photo)
-        det = max((d for d in dets if d.score >= FACE_SCORE), key=lambda d: d.size, default=None)
-        if det is None:
-            raise BuiltinErsError(f"the {det_spec.kind} detector finds no face in one of the packages' face photos")
-        faces.append(align(photo, det, spec))
-        face_photo_fps += frame_false_positives(photo, dets, spec, FACE_SCORE, min_size=0.0)
-    positive = faces + [_light_variant(c, rng) for c in faces for _ in range(positive_draws)]
-    degraded = [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
+    faces, face_photo_fps = _faces(low, spec, det_spec.kind)
+    positive, degraded = _variants(faces, rng, positive_draws, degraded_draws)
     patches = [cv2.resize(_bgr(p), (size, size), interpolation=cv2.INTER_LINEAR) for p in skdata.lfw_subset()[100:]]
     photos = scenes()
     # every size: the packaged photos give few false positives

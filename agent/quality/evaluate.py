@@ -37,7 +37,7 @@ from agent.common.fr_spec import FACENET, FRSpec, preprocess
 from agent.common.progress import Progress
 from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
-from agent.pipeline.score import Scorer, l2n, prefiqs
+from agent.pipeline.score import Evidence, Scorer, l2n, prefiqs
 from agent.pipeline.select import sharpness
 from agent.pipeline.sources.demo import demo_clip_path, people
 from agent.pipeline.track import Tracker, iou_matrix
@@ -45,7 +45,8 @@ from agent.quality.baselines import LightQNet, lightqnet_crop, random_quality, r
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box, map_points, random_degradation
 from agent.quality.edc import bootstrap_pauc, edc, fmr_supported, pair_quality, threshold_at_fmr
 from agent.quality.ers import ErsModel
-from agent.quality.ers_builtin import builtin_ers
+from agent.quality.ers_builtin import builtin_ers, calibration_faces
+from agent.quality.selection import STATS_CUES, SelectionScore, ensure_selection, raw_cues
 from agent.types import Detection
 from engines.prepare import PreparedFR, prepare_fr
 from engines.prune import Recipe
@@ -174,7 +175,9 @@ class Evaluator:
         self._trunks: dict[str, SharedTrunk] = {}
         self._dets: dict[str, Detection] = {}
         self._dense: dict[str, np.ndarray] = {}
+        self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._quality: dict[tuple[str, str], float] = {}
+        self._selection: SelectionScore | None = None
         self._calibration: np.ndarray | None = None
         self._ers: ErsModel | None = None
 
@@ -257,10 +260,12 @@ class Evaluator:
             trunk, bar = self.trunk(recipe), Progress(f"PreFIQs {recipe}", len(todo))
             for s in range(0, len(todo), BATCH):
                 idx = todo[s : s + BATCH]
-                q, _, dense = prefiqs(*trunk.embed(preprocess([faces.crops[i] for i in idx], self.spec)))
-                for i, qi, e in zip(idx, q, dense, strict=True):
+                f = trunk.forward(preprocess([faces.crops[i] for i in idx], self.spec))
+                q, _, dense = prefiqs(f.dense, f.twin)
+                for j, (i, qi, e) in enumerate(zip(idx, q, dense, strict=True)):
                     self._quality[(recipe, faces.keys[i])] = float(qi)
                     self._dense.setdefault(faces.keys[i], e)
+                    self._stats.setdefault(faces.keys[i], {k: v[j] for k, v in f.stats.items()})
                 bar(len(idx))
             bar.close()
         return np.array([self._quality[(recipe, k)] for k in faces.keys])
@@ -270,11 +275,36 @@ class Evaluator:
         self.prefiqs(faces, recipe)
         return np.stack([self._dense[k] for k in faces.keys])
 
+    def evidence(self, faces: Faces, recipe: str) -> Evidence:
+        """What the scorer's pass knows of each face (drift, dense embedding, activation statistics, detector)."""
+        q = self.prefiqs(faces, recipe)
+        stats = {k: np.stack([self._stats[key][k] for key in faces.keys]) for k in self._stats[faces.keys[0]]}
+        return Evidence(2.0 * (1.0 - q), self.dense(faces, recipe), stats, np.array(faces.cheap["detector"]))
+
+    def selection(self, recipe: str) -> SelectionScore:
+        """The selection score the agent would use (built-in ERS and calibration; the shipped weights)."""
+        if self._selection is None:
+            scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
+            self._selection = ensure_selection(scorer, self.prepared(recipe), self.ers(recipe), "fused",
+                                               lambda s: calibration_faces(s, DetectorSpec(threads=self.threads)))
+        return self._selection
+
+    def cues(self, faces: Faces, recipe: str) -> dict[str, np.ndarray]:
+        """Each selection cue on the calibration's scale (agent/quality/selection.py)."""
+        sel = self.selection(recipe)
+        return sel.scale(raw_cues(self.evidence(faces, recipe), sel.ers, sel.calibration.reference))
+
     def methods(self, faces: Faces, recipes: Sequence[str], seed: int, fusion: bool = True) -> dict[str, np.ndarray]:
-        """Every method's quality per face: PreFIQs per recipe, random, the cheap signals, and (with `fusion`)
-        the built-in ERS of the dense embeddings (ers_builtin.py: calibrated on packaged images, not on LFW)
-        and rank fusions of the first recipe with size, sharpness, both, the detector score, and ERS."""
-        out = {f"PreFIQs {r}": self.prefiqs(faces, r) for r in recipes}
+        """Every method's quality per face: the selection score (first recipe) and each of its activation cues,
+        PreFIQs per recipe, random, the cheap signals, and (with `fusion`) the built-in ERS of the dense embeddings
+        (ers_builtin.py: calibrated on packaged images, not on LFW) and rank fusions of the first recipe with size,
+        sharpness, both, the detector score, and ERS."""
+        out = {}
+        if recipes:
+            out["selection score (fused)"] = self.selection(recipes[0])(self.evidence(faces, recipes[0]))[0]
+            cues = self.cues(faces, recipes[0])
+            out.update({f"cue {k}": cues[k] for k in STATS_CUES if k in cues})
+        out.update({f"PreFIQs {r}": self.prefiqs(faces, r) for r in recipes})
         out["random"] = random_quality(len(faces), seed)
         out.update({k: np.array(v) for k, v in faces.cheap.items()})
         if fusion and recipes:

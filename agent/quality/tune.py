@@ -11,6 +11,12 @@ Per recipe it measures, on that split only:
 The winner is the 2:4 recipe with the best mean rank over the three quality measures (ties: the cheaper one).
 
 The activation criterion (`+act`, engines/activation.py) is calibrated on the clean tuning-split crops.
+
+`bestshot tune --selection` fits the selection score (agent/quality/selection.py) on the same split: the cue weights
+by pairwise logistic regression over the tuning tracks' frames, with and without the activation statistics, each
+validated leaving one degradation kind out (fitted without that kind's frames, measured on them); then the
+probability map on the degraded tuning pairs (a match: FaceNet score at or above the FMR 1e-3 threshold of the
+tuning impostors).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
+from agent.quality.edc import threshold_at_fmr
 from agent.quality.evaluate import (
     LFW,
     LIGHTQNET,
@@ -37,6 +44,8 @@ from agent.quality.evaluate import (
     selection,
     synthetic_tracks,
 )
+from agent.quality.selection import WEIGHTS, WEIGHTS_NO_STATS, fit_probability, fit_weights
+from engines.prepare import default_recipe
 from engines.prune import Recipe
 from engines.twin import twin_cost
 
@@ -112,6 +121,57 @@ def tune(out: Path, recipes: Sequence[str] = RECIPES, lfw: Path = LFW, other_mod
     (out / "tune.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "tune.md").write_text(tune_markdown(res, metrics) + "\n")
     log.info("tune: winner %s; wrote %s/tune.json and tune.md", winner, out)
+    return res
+
+
+def tune_selection(out: Path, lfw: Path = LFW, other_model: Path = OTHER_MODEL, lightqnet: Path = LIGHTQNET,
+                   seed: int = 0, variants: int = 3, frames: int = 12, recipe: str | None = None,
+                   threads: int | None = None, cache: Path | None = None) -> dict:
+    """Fit the selection score's weights and probability map on the tuning split; write tune-selection.json/.md."""
+    t0 = time.monotonic()
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
+    recipe = recipe or str(default_recipe(ev.spec))
+    people = lfw_split(ev.lfw)[1]
+    pairs = []
+    for p in people:
+        imgs = person_images(ev.lfw, p)
+        pairs += [(imgs[i], imgs[(i + 1) % len(imgs)]) for i in range(len(imgs))]
+    faces, sets = pair_faces(ev, pairs, seed, variants, "tuning pair faces")
+    deg = next(s for s in sets if s.name == "degraded")
+    ts = synthetic_tracks(ev, people, seed, frames, "tuning tracks")
+    cues_t, cues_p = ev.cues(ts.faces, recipe), ev.cues(faces, recipe)
+    genuine, impostor = deg.scores(ev.dense(faces, recipe), np.array(faces.ids))
+    matched = genuine >= threshold_at_fmr(impostor, 1e-3)
+    res: dict = {"config": {"recipe": recipe, "seed": seed, "people": len(people), "tracks": len(ts.tracks),
+                            "frames": frames, "genuine": len(genuine), "matched": int(matched.sum())}}
+    for form, keys in (("full", list(WEIGHTS)), ("no_stats", list(WEIGHTS_NO_STATS))):
+        z = np.stack([cues_t[k] for k in keys], 1)
+        w = fit_weights(z, ts.tracks, ts.utility)
+        s_pairs = np.stack([cues_p[k] for k in keys], 1) @ w
+        slope, icpt = fit_probability(np.minimum(s_pairs[deg.ref], s_pairs[deg.probe]), matched)
+        loko = {}
+        for kind in sorted(set(ts.kinds)):
+            held = ts.kinds == kind
+            wk = fit_weights(z, [t[~held[t]] for t in ts.tracks], ts.utility)
+            loko[kind] = {"spearman_held_out": round(float(spearmanr(z[held] @ wk, ts.utility[held]).statistic), 4),
+                          "spearman_fitted_on_all": round(float(spearmanr(z[held] @ w, ts.utility[held]).statistic),
+                                                          4)}
+        res[form] = {"weights": {k: round(float(v), 4) for k, v in zip(keys, w, strict=True)},
+                     "probability": [round(slope, 4), round(icpt, 4)],
+                     "track_gain": selection(ts, z @ w)["gain"], "leave_one_kind_out": loko}
+        log.info("selection %s: %s", form, res[form])
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune-selection.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = ["| form | weights | probability (slope, intercept) | tuning track gain |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {f} | {res[f]['weights']} | {res[f]['probability']} | {res[f]['track_gain']} |"
+              for f in ("full", "no_stats")]
+    kinds = list(res["full"]["leave_one_kind_out"])
+    lines += ["", "| kind held out | Spearman, fitted without it | fitted on all |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {res['full']['leave_one_kind_out'][k]['spearman_held_out']} | "
+              f"{res['full']['leave_one_kind_out'][k]['spearman_fitted_on_all']} |" for k in kinds]
+    (out / "tune-selection.md").write_text("\n".join(lines) + "\n")
+    log.info("tune --selection: wrote %s/tune-selection.json and .md", out)
     return res
 
 

@@ -74,6 +74,9 @@ class Scoring(Model):
     threads: int | None = Field(None, ge=1)
     shots: int = Field(1, ge=1, le=32, description="diverse shots per message, chosen by DiffProb (extra.shots)")
     template_weights: Literal["ers", "quality", "mean"] = "ers"
+    selection: Literal["fused", "prefiqs"] = Field(
+        "fused", description="what `quality` is: fused = PreFIQs with ERS, activation statistics and the detector, "
+                             "as the chance of a match at FMR 1e-3 (agent/quality/selection.py); prefiqs = Q alone")
 
 
 class Defaults(Model):

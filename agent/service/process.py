@@ -20,7 +20,7 @@ from agent.pipeline.outputs.zeromq import Publisher
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.score import build_scorer
 from agent.quality.diffprob import enrich_factory
-from agent.quality.ers_builtin import ensure_ers
+from agent.quality.selection import with_selection
 from agent.service import notify
 from agent.service.config import Config, ConfigError, load_config, to_camera
 from agent.service.metrics import Liveness, Metrics, serve
@@ -51,7 +51,7 @@ class Agent:
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
                                                   m.cache_dir, cfg.backend, cfg.engines)
         # ERS of the best shot, the track template and DiffProb's diverse shots
-        ers = ensure_ers(self.scorer, self.prepared, cfg.defaults.detector)
+        ers = with_selection(self.scorer, self.prepared, cfg.defaults.detector, cfg.scoring.selection)
         enrich = enrich_factory(ers, cfg.scoring.shots, cfg.scoring.template_weights)
         self.publisher = Publisher(cfg.publisher_config())
         log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)

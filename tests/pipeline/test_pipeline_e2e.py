@@ -19,6 +19,10 @@ import pytest
 import yaml
 
 from agent.cli.subscribe import subscribe
+from agent.common.fr_spec import FACENET
+from agent.quality.ers import load_ers
+from agent.quality.selection import WEIGHTS
+from engines.prepare import prepare_fr
 
 
 def free_port() -> int:
@@ -66,15 +70,21 @@ def read_trace(path: Path) -> tuple[dict, list[dict]]:
     return scored, published
 
 
-def check_messages(msgs: list[dict], trace: Path) -> None:
+def check_messages(msgs: list[dict], trace: Path, min_quality: float = 0.0) -> None:
     """One message per track; every file decodes; the shot is the best-quality scored frame of its track."""
     scored, published = read_trace(trace)
     assert msgs, "no message received"
     keys = [(m["camera"], m["track_id"]) for m in msgs]
     assert len(keys) == len(set(keys)), "more than one message for a track"
     assert len(msgs) == len(published), "the subscriber lost messages"
+    ers = load_ers(prepare_fr(FACENET))  # the built-in one the agent made (or a calibration)
     for m in msgs:
-        assert m["status"] in ("best", "unrecognisable")
+        # quality is the selection score, a probability; the status follows min_quality (0.0 here: always "best")
+        assert 0.0 <= m["quality"] <= 1.0
+        assert m["status"] == ("best" if m["quality"] >= min_quality else "unrecognisable")
+        assert abs(m["prefiqs"] - (1.0 - m["drift"] / 2.0)) < 1e-6
+        assert set(m["extra"]["cues"]) == set(WEIGHTS) and abs(m["extra"]["cues"]["prefiqs"] - m["prefiqs"]) < 1e-4
+        assert abs(m["extra"]["cues"]["detector"] - m["det_score"]) < 1e-4
         face = cv2.imread(m["files"]["face"])
         context = cv2.imread(m["files"]["context"])
         assert face is not None and face.shape[:2] == (160, 160)
@@ -90,7 +100,8 @@ def check_messages(msgs: list[dict], trace: Path) -> None:
         assert template.shape == (512,) and abs(np.linalg.norm(template) - 1) < 1e-3
         assert 1 <= m["extra"]["template_frames"] <= min(8, len(cands))
         # ERS without any calibration run: the built-in one, made at start from the packages' images
-        assert 0.0 <= m["extra"]["ers"] <= 2.0 and isinstance(m["extra"]["recognisable"], bool)
+        assert abs(m["extra"]["ers"] - m["extra"]["cues"]["ers"]) < 1e-3
+        assert m["extra"]["recognisable"] == (m["extra"]["cues"]["ers"] >= ers.threshold)
 
 
 def test_file_source_end_to_end(shared_dir, tmp_path):
@@ -111,7 +122,7 @@ def test_config_file_1080p_with_budget_and_topk(shared_dir, tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cfg = {
         "cameras": [{"id": "arcade", "url": str(shared_dir / "data/video/facenet_pytorch_video.mp4")}],
-        "defaults": {"detector": {"input_size": 960}, "selection": {"top_k": 3, "min_face": 20}},
+        "defaults": {"detector": {"input_size": 960}, "selection": {"top_k": 3, "min_face": 20, "min_quality": 0.5}},
         "scoring": {"budget": 40},
         "publisher": {"endpoint": endpoint},
         "metrics": {"listen": None},
@@ -122,7 +133,7 @@ def test_config_file_1080p_with_budget_and_topk(shared_dir, tmp_path):
     r = run_cli("run", "--config", str(path), "--trace", str(tmp_path / "trace.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
     msgs = rx.wait(tmp_path / "trace.jsonl")
-    check_messages(msgs, tmp_path / "trace.jsonl")
+    check_messages(msgs, tmp_path / "trace.jsonl", min_quality=0.5)
     assert len(msgs) >= 4  # 4 to 10 faces per frame
     for m in msgs:
         top = m["extra"]["top_k"]

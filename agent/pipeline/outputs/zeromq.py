@@ -85,6 +85,7 @@ def encode(shot: BestShot, include_embedding: bool, jpeg_quality: int = 90) -> l
         else [[round(float(x), 2), round(float(y), 2)] for x, y in np.asarray(shot.landmarks).reshape(-1, 2)],
         "quality": float(shot.quality),
         "drift": float(shot.drift),
+        "prefiqs": float(shot.prefiqs),
         "det_score": float(shot.det_score),
         "frames_seen": int(shot.frames_seen),
         "frames_scored": int(shot.frames_scored),

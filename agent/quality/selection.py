@@ -1,0 +1,231 @@
+"""The selection score: what the selector ranks a track's frames by, in [0, 1], higher is better.
+
+It fuses PreFIQs with the other evidence of the same scoring pass, each a cue that costs nothing more:
+- `prefiqs`: Q = 1 - D/2 of the dense and 2:4 twin embeddings (strong on blur, downscaling, occlusion);
+- `ers`: the dense embedding's distance from the unrecognisable-identity centre (noise, false detections);
+- `activation_shallow`, `activation_shallow_spread`, `activation_deep`: how far the dense pass's per-channel
+  activation means (and spreads) at two depths (engines/twin.py, STAT_DEPTHS) sit from their values on clean
+  calibration faces, in units of those faces' own spread (the idea of batch-norm statistics as a domain-shift
+  detector; strong on blur, motion, downscaling, where a degraded input drives early features off their range);
+- `detector`: the detector's confidence (pose, partial faces).
+Each cue is put on a common scale by the per-model calibration: 0 at the median of clean calibration faces, -1
+at the median of severely degraded ones (`SelectionCalibration`, built at first use from the same packaged images
+as the built-in ERS, agent/quality/ers_builtin.py, and saved beside the prepared twin). The fused value is a
+weighted sum whose weights were fitted on the LFW tuning split only (`bestshot tune --selection`, docs/QUALITY.md),
+then mapped through a logistic fitted on the tuning split's degraded pairs: **quality is the estimated chance that
+the face, compared with a clean photo of the same person, still matches at FMR 1e-3** (FaceNet). So
+`selection.min_quality: 0.5` keeps faces more likely to match than not. For another FR model the weights and the
+probability are carried over (its own calibration puts the cues on the same scale); `bestshot tune --selection`
+refits them where LFW is at hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import minimize
+
+from agent.common.cache import locked, read_json, write_json
+from agent.pipeline.detect import DetectorSpec
+from agent.pipeline.score import Evidence, Scorer
+from agent.quality.ers import ErsModel
+from agent.quality.ers_builtin import calibration_faces, ensure_ers
+
+if TYPE_CHECKING:
+    from engines.prepare import PreparedFR
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("fused", "prefiqs")
+STATS_CUES = ("activation_shallow", "activation_shallow_spread", "activation_deep")
+# Fitted by `bestshot tune --selection` on the LFW tuning split (docs/QUALITY.md, "Selection score"):
+# pairwise-logistic weights over the tuning tracks' frames, then P(match at FMR 1e-3) over the tuning pairs.
+WEIGHTS = {"prefiqs": 0.9593, "ers": 1.0271, "detector": 0.3965, "activation_deep": 1.0634,
+           "activation_shallow": 1.467, "activation_shallow_spread": 0.9725}
+PROBABILITY = (1.5318, 1.9732)  # (slope, intercept) of the logistic on the weighted sum
+# Where the backend reports no activation statistics (TensorRT, the separate form): the same fit without them.
+WEIGHTS_NO_STATS = {"prefiqs": 1.6613, "ers": 1.4055, "detector": 0.5013}
+PROBABILITY_NO_STATS = (1.9395, 0.1013)
+CALIBRATION_VERSION = 1
+
+
+@dataclass
+class SelectionCalibration:
+    """Per prepared model: the activation statistics of clean calibration faces (mean and spread of each
+    channel's statistic, per stats output) and each cue's medians on clean and on degraded calibration faces."""
+
+    reference: dict[str, tuple[np.ndarray, np.ndarray]]  # "<i>/mean" | "<i>/std" -> (centre, spread) per channel
+    clean: dict[str, float]
+    degraded: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"version": CALIBRATION_VERSION, "clean": self.clean, "degraded": self.degraded,
+                "reference": {k: [c.tolist(), s.tolist()] for k, (c, s) in self.reference.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SelectionCalibration:
+        ref = {k: (np.asarray(c, np.float64), np.asarray(s, np.float64)) for k, (c, s) in d["reference"].items()}
+        return cls(ref, d["clean"], d["degraded"])
+
+
+def channel_stats(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`stats/<i>/mean` and `stats/<i>/meansq` -> per channel "<i>/mean" and "<i>/std" (N, C)."""
+    out = {}
+    for name, mean in stats.items():
+        if name.endswith("/mean"):
+            key = name.removeprefix("stats/").removesuffix("/mean")
+            sq = stats[name.removesuffix("mean") + "meansq"]
+            out[f"{key}/mean"] = mean.astype(np.float64)
+            out[f"{key}/std"] = np.sqrt(np.maximum(sq.astype(np.float64) - mean.astype(np.float64) ** 2, 0.0))
+    return out
+
+
+def raw_cues(ev: Evidence, ers: ErsModel, reference: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict:
+    """Every cue, higher is better, before calibration (activation cues only with statistics and a reference)."""
+    cues = {"prefiqs": 1.0 - ev.drift / 2.0, "ers": ers.scores(ev.dense), "detector": ev.det_score.astype(np.float64)}
+    stats = channel_stats(ev.stats)
+    if reference and stats:
+        def dist(key: str) -> np.ndarray:
+            centre, spread = reference[key]
+            return -np.sqrt(np.mean(((stats[key] - centre) / spread) ** 2, axis=1))
+
+        cues["activation_shallow"] = dist("0/mean")
+        cues["activation_shallow_spread"] = dist("0/std")
+        cues["activation_deep"] = dist("1/mean")
+    return cues
+
+
+class SelectionScore:
+    """The `Selection` hook of the scorer (agent.pipeline.score): evidence -> quality in [0, 1] and its cues."""
+
+    def __init__(self, ers: ErsModel, calibration: SelectionCalibration,
+                 weights: dict[str, float] | None = None, probability: tuple[float, float] | None = None):
+        self.ers, self.calibration = ers, calibration
+        self.weights, self.probability = weights, probability
+
+    def scale(self, cues: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each cue on the calibration's scale: 0 = clean calibration faces' median, -1 = degraded ones'."""
+        out = {}
+        for k, v in cues.items():
+            if k == "detector":  # already a probability; unknown (NaN) counts as a confident detection
+                out[k] = (np.nan_to_num(v, nan=1.0) - 1.0) / 0.5
+                continue
+            c, d = self.calibration.clean[k], self.calibration.degraded[k]
+            out[k] = (v - c) / (c - d if abs(c - d) > 1e-12 else 1.0)
+        return out
+
+    def __call__(self, ev: Evidence) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        cues = raw_cues(ev, self.ers, self.calibration.reference)
+        full = all(k in cues for k in STATS_CUES)
+        weights = self.weights or (WEIGHTS if full else WEIGHTS_NO_STATS)
+        slope, icpt = self.probability or (PROBABILITY if full else PROBABILITY_NO_STATS)
+        z = self.scale(cues)
+        s = sum(w * z[k] for k, w in weights.items())
+        q = 1.0 / (1.0 + np.exp(-(slope * s + icpt)))
+        return q, cues
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def build_calibration(scorer: Scorer, ers: ErsModel, clean: Sequence[np.ndarray],
+                      degraded: Sequence[np.ndarray]) -> SelectionCalibration:
+    """Reference statistics from `clean` aligned crops; each cue's median on `clean` and on `degraded`."""
+
+    def evidence(crops: Sequence[np.ndarray]) -> Evidence:
+        parts = [scorer.evidence(crops[i : i + 4]) for i in range(0, len(crops), 4)]  # small batches: arena
+        return Evidence(np.concatenate([p.drift for p in parts]), np.concatenate([p.dense for p in parts]),
+                        {k: np.concatenate([p.stats[k] for p in parts]) for k in parts[0].stats},
+                        np.full(sum(len(p.drift) for p in parts), np.nan))
+
+    ev_clean, ev_deg = evidence(clean), evidence(degraded)
+    reference = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in channel_stats(ev_clean.stats).items()}
+    medians = []
+    for ev in (ev_clean, ev_deg):
+        cues = raw_cues(ev, ers, reference)
+        medians.append({k: float(np.median(v)) for k, v in cues.items() if k != "detector"})
+    return SelectionCalibration(reference, *medians)
+
+
+def selection_path(prepared: PreparedFR) -> Path:
+    return prepared.dir / "selection.json"
+
+
+def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None, mode: str,
+                     material: Callable[[Scorer], tuple[list[np.ndarray], list[np.ndarray]]]) -> SelectionScore | None:
+    """The scorer's selection hook for `mode`: "fused" (needs ERS; the calibration is loaded, or built from
+    `material(scorer)` -> (clean crops, degraded crops) and saved beside the twin), or "prefiqs" (None: Q itself)."""
+    if mode not in SELECTIONS:
+        raise ValueError(f"unknown selection {mode!r}: use one of {', '.join(SELECTIONS)}")
+    if mode == "prefiqs":
+        return None
+    if ers is None:
+        log.error("selection: no ERS for %s, so quality is PreFIQs alone", scorer.model_id)
+        return None
+    path = selection_path(prepared)
+    with locked(path):
+        saved = read_json(path)
+        if saved and saved.get("version") == CALIBRATION_VERSION:
+            calib = SelectionCalibration.from_json(saved)
+        else:
+            clean, degraded = material(scorer)
+            calib = build_calibration(scorer, ers, clean, degraded)
+            write_json(path, calib.to_json())
+            log.info("selection calibration for %s from %d clean and %d degraded faces: saved %s", scorer.model_id,
+                     len(clean), len(degraded), path)
+    return SelectionScore(ers, calib)
+
+
+def with_selection(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec, mode: str = "fused"
+                   ) -> ErsModel | None:
+    """Make the scorer's quality what `mode` says (the service, `score`, `curate` and `eval templates` all go
+    through here): the FR model's ERS (saved, else built-in), then the selection hook. Returns the ERS."""
+    ers = ensure_ers(scorer, prepared, det_spec)
+    scorer.selection = ensure_selection(scorer, prepared, ers, mode, lambda s: calibration_faces(s, det_spec))
+    return ers
+
+
+# ---------------------------------------------------------------- fitting (bestshot tune --selection)
+
+
+def fit_weights(z: np.ndarray, tracks: Sequence[np.ndarray], utility: np.ndarray, min_gap: float = 0.02,
+                l2: float = 1e-2) -> np.ndarray:
+    """Weights of the cues (columns of `z`) by pairwise logistic regression: within each track, every pair of
+    frames whose utilities differ by `min_gap` or more says which should rank higher."""
+    diff, label = [], []
+    for idx in tracks:
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                if abs(utility[i] - utility[j]) >= min_gap:
+                    diff.append(z[i] - z[j])
+                    label.append(float(utility[i] > utility[j]))
+    x, y = np.array(diff), np.array(label)
+    return _logistic(x, y, l2, intercept=False)[0]
+
+
+def fit_probability(s: np.ndarray, matched: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of P(matched | s) by logistic regression."""
+    w, b = _logistic(s[:, None], matched.astype(np.float64), 0.0, intercept=True)
+    return float(w[0]), float(b)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float, intercept: bool) -> tuple[np.ndarray, float]:
+    n, d = x.shape
+
+    def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = p[:d], (p[d] if intercept else 0.0)
+        z = x @ w + b
+        prob = 1.0 / (1.0 + np.exp(-z))
+        nll = np.mean(np.logaddexp(0.0, z) - y * z)
+        g = x.T @ (prob - y) / n + 2 * l2 * w
+        grad = np.append(g, np.mean(prob - y)) if intercept else g
+        return nll + l2 * float(w @ w), grad
+
+    p = minimize(loss, np.zeros(d + int(intercept)), jac=True, method="L-BFGS-B").x
+    return p[:d], float(p[d]) if intercept else 0.0
