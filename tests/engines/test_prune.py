@@ -145,8 +145,11 @@ def test_shared_trunk_equals_separate_models_and_shares_the_early_layers():
     pair = shared_trunk(dense, twin)
     x = np.random.default_rng(1).normal(size=(5, 3, 16, 16)).astype(np.float32)
     d_ref, t_ref = run(dense, x)[0], run(twin, x)[0]
-    d, t = run(pair, x)
+    d, t, *stats = run(pair, x)  # then each stats depth's mean and mean square (engines/twin.py)
     assert np.allclose(d, d_ref, atol=1e-5) and np.allclose(t, t_ref, atol=1e-5)
+    assert [o.name for o in pair.graph.output][2:] == ["stats/0/mean", "stats/0/meansq", "stats/1/mean",
+                                                        "stats/1/meansq"]
+    assert all(s.shape[0] == 5 and s.ndim == 2 for s in stats)
     assert not np.allclose(d, t)
     dup = {n.name[len(TWIN):] for n in pair.graph.node if n.name.startswith(TWIN)}
     assert dup == {"c3", "gap", "flat", "fc", "mm"}  # everything from the first pruned conv on

@@ -190,9 +190,13 @@ def test_score_cli_json_fields_and_bad_inputs(shared_dir, tmp_path):
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec["image"].rsplit("/", 1)[-1] for rec in recs] == ["Abdullah_Gul_0001.jpg", "Abdullah_Gul_0002.jpg"]
     for rec in recs:
-        assert set(rec) == {"image", "face", "bbox", "landmarks", "det_score", "quality", "drift", "ers", "embedding"}
+        assert set(rec) == {"image", "face", "bbox", "landmarks", "det_score", "quality", "prefiqs", "drift", "cues",
+                            "ers", "embedding"}
         assert rec["ers"] > 1.0  # clean LFW faces: recognisable (the built-in threshold is 1.13 here)
-        assert 0 < rec["quality"] <= 1 and abs(rec["quality"] - (1 - rec["drift"] / 2)) < 1e-4
+        assert abs(rec["prefiqs"] - (1 - rec["drift"] / 2)) < 1e-4 and rec["cues"]["prefiqs"] == rec["prefiqs"]
+        assert rec["cues"]["ers"] == pytest.approx(rec["ers"], abs=1e-4)
+        # the selection score: these two clean, frontal LFW faces are likely to match (measured 0.73 and 0.77)
+        assert 0.6 < rec["quality"] <= 1
         assert len(rec["bbox"]) == 4 and len(rec["landmarks"]) == 5 and len(rec["embedding"]) == 512
         assert abs(np.linalg.norm(rec["embedding"]) - 1) < 1e-3
     errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
