@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from skimage.transform import SimilarityTransform
 
 from agent.common.fr_spec import FRSpec
 from agent.types import Detection
@@ -12,10 +13,11 @@ from agent.types import Detection
 def similarity(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
     """2x3 similarity transform (rotation, uniform scale, shift) mapping landmarks onto the template."""
     m, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=cv2.LMEDS)
-    if m is None:  # degenerate points (all equal): fall back to plain least squares
-        m, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=0)
-    if m is None:
-        raise ValueError("landmarks are degenerate: no similarity transform fits them")
+    if m is None:  # LMedS found no consensus: plain least squares (OpenCV 5 has no method=0 here)
+        t = SimilarityTransform.from_estimate(landmarks.astype(np.float64), template.astype(np.float64))
+        if not t or not np.isfinite(t.params).all():
+            raise ValueError("landmarks are degenerate: no similarity transform fits them")
+        m = t.params[:2].astype(np.float64)
     return m
 
 

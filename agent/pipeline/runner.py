@@ -100,6 +100,7 @@ class CameraWorker(threading.Thread):
         self.gates: dict[str, Gate] = {}
         self.frames = 0
         self.detections = 0
+        self.skipped_faces = 0  # faces whose crop failed (logged), the frame's other faces go on
         self.error: str | None = None
         if cam.upstream is not None:
             self.source: VideoSource | UpstreamSource = UpstreamSource(cam.upstream)
@@ -181,7 +182,14 @@ class CameraWorker(threading.Thread):
             return align(frame.image, det, self.fr), context_crop(frame.image, det.bbox, self.cam.context_margin)
 
         for face in faces:
-            cand = gate.observe(frame.index, frame.pts, face.track_id, face.det, crops)
+            try:
+                cand = gate.observe(frame.index, frame.pts, face.track_id, face.det, crops)
+            except Exception as e:  # one face that cannot be cropped (degenerate landmarks, ...) is skipped alone
+                self.skipped_faces += 1
+                if self.skipped_faces <= 10 or self.skipped_faces % 100 == 0:
+                    log.error("camera %s frame %d track %d: face skipped (%d so far): %s: %s", frame.camera,
+                              frame.index, face.track_id, self.skipped_faces, type(e).__name__, e)
+                continue
             if cand is not None:
                 self.out.put(cand)
         self.times.add("align", time.perf_counter() - t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import zmq
 from upstream_sender import message, send, video_frames
 
-from agent.pipeline.sources.upstream import UpstreamOptions, UpstreamSource
+from agent.pipeline.sources.upstream import Malformed, UpstreamOptions, UpstreamSource, decode_message, jpeg_size
 from agent.types import Frame, TrackedFace
 
 pytestmark = pytest.mark.timeout(30)
@@ -192,3 +194,93 @@ def test_sender_script_sends_boxes_from_a_json_file(clip: Path, frames: list[Fra
     for frame, faces in items:
         assert [f.track_id for f in faces] == [t["id"] for t in boxes.get(str(frame.index), [])]
         np.testing.assert_array_equal(frame.image, frames[frame.index].image)
+
+
+def hostile_messages(frame: Frame) -> dict[str, list[bytes]]:
+    """Messages from the security review that each ended the upstream camera before (issue: hostile input), by the
+    cause the skip must name."""
+    header, jpeg = message(frame, [])
+    meta = json.loads(header)
+    tiny = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
+    sof = next(i for i in range(2, len(tiny) - 1) if tiny[i] == 0xFF and tiny[i + 1] == 0xC0)
+    huge = tiny[: sof + 5] + (20000).to_bytes(2, "big") * 2 + tiny[sof + 9 :]  # the header claims 20000x20000
+    big = 10**400
+    box = [10, 10, 50, 50]
+
+    def with_(**kw) -> list[bytes]:
+        return [json.dumps({**meta, **kw}).encode(), jpeg]
+
+    return {
+        "over max_pixels": [header, huge],
+        "not JSON: RecursionError": [b"[" * 100_000, jpeg],
+        "pts must be a number": with_(pts=big),
+        "frame_id must be an integer": with_(frame_id=big),
+        "tracks[0].score must be a number": with_(tracks=[{"id": 1, "box": box, "score": big}]),
+        "tracks[0].box must be": with_(tracks=[{"id": 1, "box": [10, 10, big, 50]}]),
+        "tracks[0].id must be an integer": with_(tracks=[{"id": big, "box": box}]),
+        "lies outside the 640x360 image": with_(tracks=[{"id": 1, "box": [5000, 5000, 5100, 5100]}]),
+        "65 tracks, over max_tracks 64": with_(tracks=[{"id": i, "box": box} for i in range(65)]),
+        "raw image 100000x100000 is over max_pixels": [
+            json.dumps({**meta, "encoding": "raw", "shape": [100_000, 100_000, 3]}).encode(), b"x"],
+    }
+
+
+def test_hostile_messages_are_skipped_with_their_cause(frames: list[Frame]) -> None:
+    """decode_message raises Malformed naming the cause for each, and nothing else (before: RecursionError,
+    OverflowError, a 400 MP allocation, or a box that later crashed the crop)."""
+    assert len(frames[0].image) == 360
+    for cause, parts in hostile_messages(frames[0]).items():
+        with pytest.raises(Malformed, match=re.escape(cause)):
+            decode_message(parts)
+    assert jpeg_size(cv2.imencode(".jpg", frames[0].image)[1].tobytes()) == (360, 640)
+
+
+def test_hostile_messages_do_not_end_the_source(frames: list[Frame], endpoint: str) -> None:
+    bad = hostile_messages(frames[0])
+    messages = [*bad.values(), message(frames[1], tracks(frames[1]))]
+    source = UpstreamSource(UpstreamOptions(endpoint))
+    with ThreadPoolExecutor() as pool:
+        done = pool.submit(publish, endpoint, messages)
+        items = collect(source, 1)
+        done.result(10)
+    assert len(items) == 1 and (source.received, source.malformed) == (len(messages), len(bad))
+    assert_intact(items[0], frames[1], exact=False)
+
+
+def test_messages_over_max_message_bytes_never_arrive(frames: list[Frame], endpoint: str) -> None:
+    """ZeroMQ's MAXMSGSIZE drops the connection of a peer that sends a bigger message: nothing of it is read."""
+    source = UpstreamSource(UpstreamOptions(endpoint, max_message_bytes=100_000))
+    big = message(frames[0], [], "raw")  # 691,200 image bytes
+    with ThreadPoolExecutor() as pool:
+        done = pool.submit(publish, endpoint, [big])
+        items = collect(source, 1, timeout=3.0)
+        done.result(10)
+    assert items == [] and source.received == 0
+
+
+def test_a_face_that_cannot_be_cropped_is_skipped_alone(frames: list[Frame], caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """Five identical landmarks with a template-crop model made the aligner raise and ended the camera's worker;
+    now that face is skipped (logged, counted) and the frame's other faces go on to the scorer."""
+    import queue
+
+    from agent.common.fr_spec import FRSpec
+    from agent.pipeline.runner import CameraConfig, CameraWorker, StageTimes
+    from agent.pipeline.select import TokenBucket
+    from agent.types import Detection
+
+    arcface = FRSpec(name="arcface-like", path="unused.onnx", input_size=112, crop="template", margin=0.0)
+    out: queue.Queue = queue.Queue()
+    worker = CameraWorker(CameraConfig("line3", upstream=UpstreamOptions("tcp://127.0.0.1:1")), arcface, out,
+                          TokenBucket(None), StageTimes())
+    good = np.array([[260, 150], [300, 150], [280, 175], [265, 200], [295, 200]], np.float32)
+    faces = [TrackedFace(1, Detection(np.array([240, 120, 320, 220], np.float32), 0.9, np.full((5, 2), 200.0))),
+             TrackedFace(2, Detection(np.array([240, 120, 320, 220], np.float32), 0.9, good))]
+    frame = Frame("line3", 0, 0.0, cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (360, 640, 3), np.uint8),
+                                                    (3, 3), 0))  # textured: the sharpness gate lets it through
+    with caplog.at_level(logging.ERROR, logger="agent.pipeline.runner"):
+        worker._frame(frame, faces, {})
+    assert worker.skipped_faces == 1
+    queued = [out.get_nowait() for _ in range(out.qsize())]
+    assert [c.track_id for c in queued if hasattr(c, "crop")] == [2]
+    assert any("track 1: face skipped" in r.getMessage() and "degenerate" in r.getMessage() for r in caplog.records)

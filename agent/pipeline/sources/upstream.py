@@ -25,6 +25,12 @@ The agent subscribes (ZeroMQ SUB) to the upstream publisher; by default it conne
 A message that breaks any rule above (frame count, JSON, a missing key or wrong type, an image that does not decode
 or a raw size that does not match its shape, a bad track) is skipped whole, counted in `malformed` and logged as
 an ERROR naming the cause; the source keeps receiving. `received` counts every message taken off the socket.
+
+Bounds (`UpstreamOptions`), each a skip of the message when broken: `max_message_bytes` (ZeroMQ's MAXMSGSIZE: a
+larger message closes that peer's connection), `max_tracks` per message, `max_pixels` per image (read from the
+JPEG header or the raw shape before anything is decoded); integers (ids, frame numbers) and coordinates must lie
+within +-2^53, and a box must overlap the image. Any other exception raised while decoding one message is a skip of
+that message too, logged with its type: no message can end the source.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class UpstreamOptions:
     topic: bytes = b""  # SUB prefix filter on a message's first frame (see the module docstring)
     poll_ms: int = 200  # longest wait for a message before checking for stop()
     hwm: int = 100  # messages queued for this subscriber; ZeroMQ drops newer ones beyond it
+    max_message_bytes: int = 32 << 20  # ZMQ_MAXMSGSIZE: bigger messages close the sender's connection
+    max_tracks: int = 64  # tracks per message
+    max_pixels: int = 16_000_000  # per decoded image (4K UHD is 8.3 million), checked before decoding
 
 
 def _need(ok: bool, cause: str) -> None:
@@ -66,21 +75,41 @@ def _need(ok: bool, cause: str) -> None:
         raise Malformed(cause)
 
 
+LIMIT = 2**53  # integers and coordinates beyond it are not frame numbers, ids or pixels
+
+
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and -LIMIT <= value <= LIMIT
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value) and abs(value) <= LIMIT)
 
 
 def _floats(value: object, shape: tuple[int, ...], cause: str) -> np.ndarray:
     try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
         raise Malformed(cause) from None
-    _need(array.shape == shape and bool(np.isfinite(array).all()), cause)
-    return array
+    _need(array.shape == shape and bool(np.isfinite(array).all()) and bool((np.abs(array) <= LIMIT).all()), cause)
+    return array.astype(np.float32)
+
+
+def jpeg_size(payload: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame marker, without decoding; None when none is found."""
+    i = 2 if payload[:2] == b"\xff\xd8" else len(payload)
+    while i + 9 <= len(payload):
+        if payload[i] != 0xFF:
+            return None
+        marker = payload[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(payload[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(payload[i + 5 : i + 7], "big"), int.from_bytes(payload[i + 7 : i + 9], "big")
+        i += 2 + length
+    return None
 
 
 def _track(track: object, where: str) -> TrackedFace:
@@ -96,26 +125,31 @@ def _track(track: object, where: str) -> TrackedFace:
     return TrackedFace(track["id"], Detection(box, float(score), landmarks))
 
 
-def _image(encoding: object, shape: object, payload: bytes) -> np.ndarray:
+def _image(encoding: object, shape: object, payload: bytes, max_pixels: int) -> np.ndarray:
     if encoding == "jpeg":
+        size = jpeg_size(payload)
+        _need(size is None or size[0] * size[1] <= max_pixels,
+              f"JPEG header says {size and size[1]}x{size and size[0]}, over max_pixels {max_pixels}")
         image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) if payload else None
         _need(image is not None, f"JPEG image of {len(payload)} bytes does not decode")
         return image
     _need(encoding == "raw", f"encoding {encoding!r} is neither 'jpeg' nor 'raw'")
     _need(isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)
           and shape[2] == 3, f"raw image needs shape [height, width, 3], got {shape!r}")
+    _need(shape[0] * shape[1] <= max_pixels, f"raw image {shape[1]}x{shape[0]} is over max_pixels {max_pixels}")
     size = math.prod(shape)
     _need(len(payload) == size, f"raw image is {len(payload)} bytes, shape {shape} needs {size}")
     return np.frombuffer(payload, np.uint8).reshape(shape).copy()
 
 
-def decode_message(parts: Sequence[bytes], wall_time: float = 0.0) -> tuple[Frame, list[TrackedFace]]:
+def decode_message(parts: Sequence[bytes], wall_time: float = 0.0, max_tracks: int = 64,
+                   max_pixels: int = 16_000_000) -> tuple[Frame, list[TrackedFace]]:
     """One wire message ([topic,] header, image) as a Frame and its tracks; raises Malformed naming the cause."""
     _need(len(parts) in (2, 3), f"{len(parts)} message frames, expected [topic,] header, image")
     try:
         header = json.loads(parts[-2])
-    except ValueError as exc:
-        raise Malformed(f"header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise Malformed(f"header is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     _need(isinstance(header, dict), "header is not a JSON object")
     missing = [key for key in HEADER_KEYS if key not in header]
     _need(not missing, f"header lacks {', '.join(missing)}")
@@ -124,8 +158,14 @@ def decode_message(parts: Sequence[bytes], wall_time: float = 0.0) -> tuple[Fram
     _need(_is_int(frame_id), "frame_id must be an integer")
     _need(_is_number(pts), "pts must be a number")
     _need(isinstance(tracks, list), "tracks must be a list")
+    _need(len(tracks) <= max_tracks, f"{len(tracks)} tracks, over max_tracks {max_tracks}")
     faces = [_track(track, f"tracks[{i}]") for i, track in enumerate(tracks)]
-    image = _image(header["encoding"], header.get("shape"), parts[-1])
+    image = _image(header["encoding"], header.get("shape"), parts[-1], max_pixels)
+    h, w = image.shape[:2]
+    for i, f in enumerate(faces):
+        x1, y1, x2, y2 = f.det.bbox
+        _need(bool(x2 > 0 and y2 > 0 and x1 < w and y1 < h),
+              f"tracks[{i}].box {f.det.bbox.tolist()} lies outside the {w}x{h} image")
     return Frame(camera, frame_id, float(pts), image, wall_time), faces
 
 
@@ -146,6 +186,7 @@ class UpstreamSource:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, opts.hwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_bytes)
             sock.setsockopt(zmq.SUBSCRIBE, opts.topic)
             (sock.bind if opts.bind else sock.connect)(opts.endpoint)
             log.info("upstream: %s %s", "bound to" if opts.bind else "connected to", opts.endpoint)
@@ -155,8 +196,10 @@ class UpstreamSource:
                 parts = sock.recv_multipart()
                 self.received += 1
                 try:
-                    item = decode_message(parts, time.time())
-                except Malformed as exc:
+                    item = decode_message(parts, time.time(), opts.max_tracks, opts.max_pixels)
+                except Exception as exc:  # Malformed, or anything else one message can raise: skip it, go on
+                    if not isinstance(exc, Malformed):
+                        exc = Malformed(f"{type(exc).__name__}: {str(exc)[:200]}")
                     self.malformed += 1
                     if self.malformed <= 10 or self.malformed % 100 == 0:  # a broken upstream must not flood the log
                         log.error("upstream %s: malformed message skipped (%d so far): %s",
