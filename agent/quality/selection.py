@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.special import expit
 
 from agent.common.cache import locked, read_json, write_json
 from agent.pipeline.detect import DetectorSpec
@@ -126,7 +127,7 @@ class SelectionScore:
         slope, icpt = self.probability or (PROBABILITY if full else PROBABILITY_NO_STATS)
         z = self.scale(cues)
         s = sum(w * z[k] for k, w in weights.items())
-        q = 1.0 / (1.0 + np.exp(-(slope * s + icpt)))
+        q = expit(slope * s + icpt)
         return q, cues
 
 
@@ -221,7 +222,7 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, intercept: bool) -> tuple
     def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = p[:d], (p[d] if intercept else 0.0)
         z = x @ w + b
-        prob = 1.0 / (1.0 + np.exp(-z))
+        prob = expit(z)
         nll = np.mean(np.logaddexp(0.0, z) - y * z)
         g = x.T @ (prob - y) / n + 2 * l2 * w
         grad = np.append(g, np.mean(prob - y)) if intercept else g
