@@ -69,16 +69,22 @@ class _Eos:
 
 
 class _Ends:
-    """Track ends for upstream tracks (no tracker of ours): a track unseen for `max_lost_s` has ended."""
+    """Track ends for upstream tracks (no tracker of ours): a track unseen for `max_lost_s` of stream time, or of
+    wall-clock time (a stream whose pts stand still, a camera that fell silent), has ended."""
 
     def __init__(self, max_lost_s: float):
         self.max_lost_s = max_lost_s
-        self.last: dict[int, float] = {}
+        self.last: dict[int, tuple[float, float]] = {}  # track -> (pts, wall time) last seen
 
-    def update(self, tracks: list[TrackedFace], pts: float) -> list[int]:
+    def update(self, tracks: list[TrackedFace], pts: float, wall: float) -> list[int]:
         for t in tracks:
-            self.last[t.track_id] = pts
-        ended = [tid for tid, seen in self.last.items() if pts - seen > self.max_lost_s]
+            self.last[t.track_id] = (pts, wall)
+        return self.expire(pts, wall)
+
+    def expire(self, pts: float | None, wall: float) -> list[int]:
+        """The tracks unseen for too long at (`pts` of this camera, or None for another camera's message)."""
+        ended = [tid for tid, (p, w) in self.last.items()
+                 if (pts is not None and pts - p > self.max_lost_s) or wall - w > self.max_lost_s]
         for tid in ended:
             del self.last[tid]
         return ended
@@ -172,9 +178,13 @@ class CameraWorker(threading.Thread):
             faces, ended = update.active, update.ended
             self.times.add("track", time.perf_counter() - t)
         else:
+            wall = time.monotonic()
             tracker = trackers.setdefault(frame.camera, _Ends(self.cam.tracker.max_lost_s))
-            faces, ended = upstream_tracks, tracker.update(upstream_tracks, frame.pts)
+            faces, ended = upstream_tracks, tracker.update(upstream_tracks, frame.pts, wall)
             self.detections += len(faces)
+            for camera, other in trackers.items():  # the input's other cameras: their silent tracks end too
+                if other is not tracker:
+                    self._end(camera, other.expire(None, wall))
         t = time.perf_counter()
         gate = self._gate(frame.camera)
 

@@ -220,6 +220,8 @@ def hostile_messages(frame: Frame) -> dict[str, list[bytes]]:
         "tracks[0].id must be an integer": with_(tracks=[{"id": big, "box": box}]),
         "lies outside the 640x360 image": with_(tracks=[{"id": 1, "box": [5000, 5000, 5100, 5100]}]),
         "65 tracks, over max_tracks 64": with_(tracks=[{"id": i, "box": box} for i in range(65)]),
+        "camera must be 1 to 64 of A-Z a-z 0-9 _ . -, got 'door\\nINFO forged'": with_(camera="door\nINFO forged"),
+        "camera must be 1 to 64": with_(camera="c" * 300),
         "raw image 100000x100000 is over max_pixels": [
             json.dumps({**meta, "encoding": "raw", "shape": [100_000, 100_000, 3]}).encode(), b"x"],
     }
@@ -284,3 +286,29 @@ def test_a_face_that_cannot_be_cropped_is_skipped_alone(frames: list[Frame], cap
     queued = [out.get_nowait() for _ in range(out.qsize())]
     assert [c.track_id for c in queued if hasattr(c, "crop")] == [2]
     assert any("track 1: face skipped" in r.getMessage() and "degenerate" in r.getMessage() for r in caplog.records)
+
+
+def test_camera_names_beyond_max_cameras_are_skipped(frames: list[Frame], endpoint: str) -> None:
+    """Each new camera name creates state and a metric series: an input takes at most max_cameras of them."""
+    sent = [message(Frame(cam, i, 0.0, frames[0].image), []) for i, cam in enumerate(["a", "b", "c", "a", "b"])]
+    source = UpstreamSource(UpstreamOptions(endpoint, max_cameras=2))
+    with ThreadPoolExecutor() as pool:
+        done = pool.submit(publish, endpoint, sent)
+        items = collect(source, 4)
+        done.result(10)
+    assert [f.camera for f, _ in items] == ["a", "b", "a", "b"] and source.malformed == 1
+    assert source.cameras == {"a", "b"}
+
+
+def test_upstream_tracks_end_by_wall_clock_too() -> None:
+    """A stream whose pts stand still never ended its tracks (each kept a crop); the wall clock ends them now."""
+    from agent.pipeline.runner import _Ends
+    from agent.types import Detection
+
+    face = TrackedFace(7, Detection(np.array([0, 0, 10, 10], np.float32), 1.0))
+    ends = _Ends(max_lost_s=1.0)
+    assert ends.update([face], pts=5.0, wall=100.0) == []
+    assert ends.update([], pts=5.0, wall=100.5) == []  # same pts, half a second later
+    assert ends.update([], pts=5.0, wall=101.2) == [7]  # same pts, but 1.2 s of wall time without it
+    assert ends.update([face], pts=6.0, wall=102.0) == []
+    assert ends.expire(None, 103.5) == [7]  # another camera's message: this camera fell silent

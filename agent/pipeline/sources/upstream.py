@@ -7,7 +7,7 @@ The agent subscribes (ZeroMQ SUB) to the upstream publisher; by default it conne
            matches `UpstreamOptions.topic` as a prefix of a message's first frame, so a non-empty topic
            receives only messages that carry a topic frame (e.g. topic b"cam" takes "cam1" and "cam2").
   header   JSON object (utf-8):
-             "camera":   string, non-empty: the camera the frame comes from
+             "camera":   string of 1 to 64 letters, digits, "_", "." or "-": the camera the frame comes from
              "frame_id": integer: the frame's number in that camera's stream (becomes Frame.index)
              "pts":      number: presentation time in seconds
              "tracks":   list, possibly empty, of objects:
@@ -28,7 +28,7 @@ an ERROR naming the cause; the source keeps receiving. `received` counts every m
 
 Bounds (`UpstreamOptions`), each a skip of the message when broken: `max_message_bytes` (ZeroMQ's MAXMSGSIZE: a
 larger message closes that peer's connection), `max_tracks` per message, `max_pixels` per image (read from the
-JPEG header or the raw shape before anything is decoded); integers (ids, frame numbers) and coordinates must lie
+JPEG header or the raw shape before anything is decoded), `max_cameras` distinct camera names; integers (ids, frame numbers) and coordinates must lie
 within +-2^53, and a box must overlap the image. Any other exception raised while decoding one message is a skip of
 that message too, logged with its type: no message can end the source.
 """
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,7 @@ class UpstreamOptions:
     max_message_bytes: int = 32 << 20  # ZMQ_MAXMSGSIZE: bigger messages close the sender's connection
     max_tracks: int = 64  # tracks per message
     max_pixels: int = 16_000_000  # per decoded image (4K UHD is 8.3 million), checked before decoding
+    max_cameras: int = 16  # distinct camera names on this input; messages naming a further one are skipped
 
 
 def _need(ok: bool, cause: str) -> None:
@@ -75,6 +77,7 @@ def _need(ok: bool, cause: str) -> None:
         raise Malformed(cause)
 
 
+CAMERA = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a configured camera id's pattern, bounded: topics, logs, file names
 LIMIT = 2**53  # integers and coordinates beyond it are not frame numbers, ids or pixels
 
 
@@ -154,7 +157,8 @@ def decode_message(parts: Sequence[bytes], wall_time: float = 0.0, max_tracks: i
     missing = [key for key in HEADER_KEYS if key not in header]
     _need(not missing, f"header lacks {', '.join(missing)}")
     camera, frame_id, pts, tracks = header["camera"], header["frame_id"], header["pts"], header["tracks"]
-    _need(isinstance(camera, str) and bool(camera), "camera must be a non-empty string")
+    _need(isinstance(camera, str) and CAMERA.fullmatch(camera) is not None,
+          f"camera must be 1 to 64 of A-Z a-z 0-9 _ . -, got {str(camera)[:80]!r}")
     _need(_is_int(frame_id), "frame_id must be an integer")
     _need(_is_number(pts), "pts must be a number")
     _need(isinstance(tracks, list), "tracks must be a list")
@@ -176,6 +180,7 @@ class UpstreamSource:
         self.options = options
         self.received = 0  # messages taken off the socket
         self.malformed = 0  # of those, skipped as malformed
+        self.cameras: set[str] = set()  # camera names seen (at most max_cameras)
         self._context = context or zmq.Context.instance()
         self._stopping = threading.Event()
 
@@ -197,6 +202,11 @@ class UpstreamSource:
                 self.received += 1
                 try:
                     item = decode_message(parts, time.time(), opts.max_tracks, opts.max_pixels)
+                    camera = item[0].camera
+                    _need(camera in self.cameras or len(self.cameras) < opts.max_cameras,
+                          f"camera {camera!r} would be camera {len(self.cameras) + 1} of this input, over "
+                          f"max_cameras {opts.max_cameras}")
+                    self.cameras.add(camera)
                 except Exception as exc:  # Malformed, or anything else one message can raise: skip it, go on
                     if not isinstance(exc, Malformed):
                         exc = Malformed(f"{type(exc).__name__}: {str(exc)[:200]}")
