@@ -54,6 +54,11 @@ def test_is_live_and_redact() -> None:
     assert not is_live("/data/a.mp4") and not is_live("a.mp4") and not is_live("file.mkv")
     assert redact("rtsp://admin:s3cret@10.0.0.2:554/live") == "rtsp://admin:***@10.0.0.2:554/live"
     assert redact("rtsp://10.0.0.2/live") == "rtsp://10.0.0.2/live"
+    assert redact("http://10.0.0.3/cgi-bin/snap.cgi?user=admin&pwd=h%26x&chn=1") == (
+        "http://10.0.0.3/cgi-bin/snap.cgi?user=admin&pwd=***&chn=1")
+    assert redact("rtsp://u:p@cam/s?token=abc&x=1&apiKey=zz&password=q") == (
+        "rtsp://u:***@cam/s?token=***&x=1&apiKey=***&password=***")
+    assert redact("/videos/file.mp4") == "/videos/file.mp4"
     with pytest.raises(ValueError, match="transport"):
         SourceOptions(transport="quic")
 
@@ -208,3 +213,21 @@ def test_defaults_follow_the_source_kind() -> None:
     assert src.reconnect and src.drop_when_full
     src = VideoSource(os.devnull, "cam6", SourceOptions(loop=True))
     assert not src.reconnect and not src.drop_when_full
+
+
+def test_query_string_secrets_never_reach_logs_or_stats(caplog) -> None:
+    """FFmpeg quotes the url in its errors: the `?pwd=` of a camera url was in every reconnect line."""
+    url = f"http://127.0.0.1:{free_port()}/cgi-bin/video.cgi?user=admin&pwd=s3cret&token=t0ken"
+    options = SourceOptions(backoff_initial_s=0.1, backoff_max_s=0.2, connect_timeout_s=1)
+    with caplog.at_level(logging.DEBUG, logger="agent.pipeline.sources.video"):
+        src = open_source(url, "cam4", options)
+        consumer = threading.Thread(target=lambda: list(src.frames()))
+        consumer.start()
+        deadline = time.monotonic() + 5
+        while src.stats.errors < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert src.stop(timeout=2)
+    consumer.join(1)
+    assert src.stats.errors >= 2 and src.stats.last_error
+    shown = caplog.text + src.stats.last_error
+    assert "pwd=***" in caplog.text and "s3cret" not in shown and "t0ken" not in shown

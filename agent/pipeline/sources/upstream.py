@@ -28,9 +28,9 @@ an ERROR naming the cause; the source keeps receiving. `received` counts every m
 
 Bounds (`UpstreamOptions`), each a skip of the message when broken: `max_message_bytes` (ZeroMQ's MAXMSGSIZE: a
 larger message closes that peer's connection), `max_tracks` per message, `max_pixels` per image (read from the
-JPEG header or the raw shape before anything is decoded), `max_cameras` distinct camera names; integers (ids, frame numbers) and coordinates must lie
-within +-2^53, and a box must overlap the image. Any other exception raised while decoding one message is a skip of
-that message too, logged with its type: no message can end the source.
+JPEG header or the raw shape before anything is decoded), `max_cameras` distinct camera names; integers (ids,
+frame numbers) and coordinates must lie within +-2^53, and a box must overlap the image. Any other exception raised
+while decoding one message is a skip of that message too, logged with its type: no message can end the source.
 """
 
 from __future__ import annotations

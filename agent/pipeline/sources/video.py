@@ -9,12 +9,13 @@ life of the source, so frames dropped by the fps cap or the queue show as gaps i
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import av
 
@@ -30,13 +31,22 @@ def is_live(url: str) -> bool:
     return urlsplit(url).scheme.lower() in LIVE_SCHEMES
 
 
+# Query parameters that carry credentials in camera URLs (`?user=admin&pwd=...`, `?token=...`, signed URLs).
+SECRET_PARAMS = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential|session", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The url with any password replaced by ***, for logs."""
+    """The url with its password and the values of credential-like query parameters replaced by ***, for anything
+    shown: logs, errors, health and metrics."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = [(k, "***" if SECRET_PARAMS.search(k) else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
 
 
 class SourceError(RuntimeError):
@@ -155,7 +165,7 @@ class VideoSource:
                 try:
                     count = self._decode()
                 except Exception as exc:  # any failure ends this connection; the policy below decides what next
-                    error = _describe(exc)
+                    error = _describe(exc).replace(self.url, redact(self.url))  # FFmpeg quotes the url
                     with self._cond:
                         self._stats.errors += 1
                         self._stats.last_error = error
