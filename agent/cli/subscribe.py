@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -27,22 +29,39 @@ def _stdout_line(line: str) -> None:
     sys.stdout.flush()
 
 
-def _safe(name: str) -> str:
-    """A camera name from the wire, made safe as one directory name."""
-    return re.sub(r"[^\w.-]", "_", name).lstrip(".") or "_"
+MAX_NAME = 64  # characters of a name part taken from the wire (file names stay far below NAME_MAX)
+
+
+def _safe(value: object) -> str:
+    """A name part from the wire (camera, track id, frame index), made safe and bounded as part of a file name:
+    anything but ASCII letters, digits, ".", "-" and "_" becomes "_"; longer ones keep their first MAX_NAME
+    characters and a hash of the whole, so that two long names stay apart."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(value)).lstrip(".") or "_"
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME]}~{hashlib.sha256(str(value).encode()).hexdigest()[:12]}"
+    return name
+
+
+def _write_private(path: Path, blob: bytes) -> None:
+    """Faces are biometric data: files 0600 (created so, not chmod-ed after)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
 
 
 def save(msg: Message, out_dir: Path) -> dict[str, str]:
-    """Write <out>/<camera>/<track>_<frame>_{face,context}.jpg, .json and .f32 (if an embedding came); their paths."""
+    """Write <out>/<camera>/<track>_<frame>_{face,context}.jpg, .json and .f32 (if an embedding came); their paths.
+    Folders are made 0700, files 0600."""
     d = out_dir / _safe(msg.meta["camera"])
-    d.mkdir(parents=True, exist_ok=True)
-    stem = f"{msg.meta['track_id']}_{msg.meta['frame_index']}"
+    for folder in (out_dir, d):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stem = f"{_safe(msg.meta['track_id'])}_{_safe(msg.meta['frame_index'])}"
     data = {"face": (f"{stem}_face.jpg", msg.face_jpeg), "context": (f"{stem}_context.jpg", msg.context_jpeg),
             "meta": (f"{stem}.json", json.dumps(msg.meta, indent=1).encode())}
     if msg.embedding is not None:
         data["embedding"] = (f"{stem}.f32", msg.embedding.astype("<f4").tobytes())
     for name, blob in data.values():
-        (d / name).write_bytes(blob)
+        _write_private(d / name, blob)
     return {k: str(d / name) for k, (name, _) in data.items()}
 
 
@@ -96,7 +115,11 @@ def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = No
                 continue
             line = dict(msg.meta)
             if out_dir is not None:
-                line["files"] = save(msg, out_dir)
+                try:
+                    line["files"] = save(msg, out_dir)
+                except (OSError, KeyError, TypeError) as e:  # this shot is not saved; the next ones still are
+                    log.error("%s: shot of camera %.80r not saved: %s", endpoint, msg.meta.get("camera"), e)
+                    continue
             write_line(json.dumps(line))
             received += 1
     except KeyboardInterrupt:

@@ -293,3 +293,27 @@ def test_bad_endpoints() -> None:
         Publisher(PublisherConfig(endpoint="tcp://no-such-interface:5556"))
     with pytest.raises(BindError, match="cannot bind ipc:///nonexistent-dir/x.sock"):
         Publisher(PublisherConfig(endpoint="ipc:///nonexistent-dir/x.sock"))
+
+
+def test_subscribe_out_survives_hostile_names_and_keeps_files_private(ipc_endpoint: str, tmp_path: Path) -> None:
+    """A 300-character camera name and a 300-digit track id ended `subscribe --out` (ENAMETOOLONG); files were
+    0644 in 0755 folders. Now: bounded safe names, every shot saved, files 0600 in 0700 folders."""
+    out = tmp_path / "shots"
+    shots = [make_shot(camera="c" * 300, track_id=10**300), make_shot(camera="../../etc", track_id=3),
+             make_shot(camera="door-1", track_id=4)]
+    push = CTX.socket(zmq.PUSH)
+    push.bind(ipc_endpoint)
+    try:
+        t, result = run_subscriber(endpoint=ipc_endpoint, out_dir=out, count=3, timeout_s=10, mode="pull")
+        for shot in shots:
+            push.send_multipart(encode(shot, include_embedding=True))
+        t.join(10)
+    finally:
+        push.close(linger=0)
+    assert result["n"] == 3
+    files = [Path(f) for line in result["lines"] for f in json.loads(line)["files"].values()]
+    assert len(files) == 12 and all(f.is_file() and out in f.parents for f in files)
+    assert all(len(f.name) <= 255 and len(f.parent.name) <= 255 for f in files)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in {out, *(f.parent for f in files)})
+    assert {f.parent.name for f in files} >= {"door-1", "_.._etc"}
