@@ -165,12 +165,45 @@ class Liveness:
         return not reasons, {"status": "unhealthy" if reasons else "ok", "reasons": reasons, "cameras": cameras}
 
 
-def serve(listen: str, registry: CollectorRegistry, health: HealthFn) -> ThreadingHTTPServer:
+class _BoundedServer(ThreadingHTTPServer):
+    """At most `max_connections` connections served at once; one more is closed at once (a client retries), so
+    idle or slow clients cannot use up the process's threads and file descriptors."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve(listen: str, registry: CollectorRegistry, health: HealthFn, max_connections: int = 32,
+          request_timeout_s: float = 5.0) -> ThreadingHTTPServer:
     """Serve /metrics and /healthz on HOST:PORT (empty host: all interfaces) from a daemon thread; end with
-    `.shutdown()` then `.server_close()`. OSError when the address cannot be bound."""
+    `.shutdown()` then `.server_close()`. OSError when the address cannot be bound. A connection that sends no
+    complete request within `request_timeout_s` is closed; at most `max_connections` are served at once."""
     host, _, port = listen.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = request_timeout_s  # socket timeout for reading the request (and writing the answer)
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -191,8 +224,7 @@ def serve(listen: str, registry: CollectorRegistry, health: HealthFn) -> Threadi
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), fmt % args)
 
-    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-    server.daemon_threads = True
+    server = _BoundedServer((host or "0.0.0.0", int(port)), Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
     return server

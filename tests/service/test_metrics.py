@@ -259,3 +259,31 @@ def test_real_pipeline(shared_dir):
     assert m["bestshot_stage_seconds_count", (("stage", "publish"),)] == pipeline.times.n["publish"]
     assert m["bestshot_stage_seconds_count", (("stage", "decode"),)] == pipeline.times.n["decode"] == worker.frames
     assert ("bestshot_camera_up", (("camera", "clip"),)) not in m  # ended
+
+
+def test_idle_clients_cannot_exhaust_the_listener():
+    """129 idle connections used up a 128-descriptor limit and aborted the process: now at most `max_connections`
+    are served at once (more are closed at once) and an idle one is closed after the request timeout."""
+    import socket
+
+    srv = serve("127.0.0.1:0", Metrics().registry, lambda: (True, {}), max_connections=4, request_timeout_s=1.0)
+    port = srv.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        time.sleep(0.3)  # the server has taken every connection it will
+        serving = sum("process_request_thread" in th.name for th in threading.enumerate())
+        assert serving <= 4
+        closed = 0
+        for s in idle:  # every idle connection ends: 36 at once (over the cap), 4 after the 1 s request timeout
+            try:
+                closed += s.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 40 and srv.refused >= 1  # (how many were refused depends on when slots freed up)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200  # and the listener still serves
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
