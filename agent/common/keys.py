@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -42,34 +43,55 @@ def generate_keys(directory: str | Path, name: str = "bestshot") -> tuple[Path, 
     return public, secret
 
 
-def _load(path: Path) -> tuple[bytes, bytes | None]:
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise KeyFileError(f"{path}: cannot read a CURVE key: {e}") from e
+def _parse(path: Path, text: bytes) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a certificate's text (zmq.auth's format), checked for length."""
+    keys: dict[bytes, bytes] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        for name in (b"public-key", b"secret-key"):
+            if line.startswith(name) and b"=" in line:
+                keys.setdefault(name, line.split(b"=", 1)[1].strip(b" \t'\""))
+    public, secret = keys.get(b"public-key"), keys.get(b"secret-key")
+    if public is None:
+        raise KeyFileError(f"{path}: cannot read a CURVE key: no public key in the file")
     if any(k is not None and len(k) != _Z85_KEY_LEN for k in (public, secret)):
         raise KeyFileError(f"{path}: malformed CURVE key (expected {_Z85_KEY_LEN} Z85 characters)")
     return public, secret
 
 
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return _parse(path, path.read_bytes())
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot read a CURVE key: {e.strerror or e}") from e
+
+
 def check_secret_file(path: str | Path) -> tuple[bytes, bytes]:
-    """Load a secret key file after checking that it is a regular file that only its owner can read.
-    Returns (public_key, secret_key); raises KeyFileError naming the file and the problem."""
+    """Load a secret key file after checking that it is a regular file (not a symlink) that only its owner can read
+    and that belongs to this process's user (or root). The file is opened once and the checks are made on that open
+    file, so it cannot be swapped between check and read. Returns (public_key, secret_key); raises KeyFileError
+    naming the file and the problem."""
     path = Path(path)
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        raise KeyFileError(f"{path}: cannot read the secret key file: {e.strerror}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"{path}: the secret key is not a regular file")
-    # systemd's LoadCredential= hands the file over read-only through an ACL, which shows as group-read (0440):
-    # that is still private to the service, so only there group read is allowed.
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    allowed = 0o040 if creds and path.resolve().parent == Path(creds).resolve() else 0
-    if st.st_mode & 0o077 & ~allowed:
-        raise KeyFileError(f"{path}: the secret key file is accessible by group or others (mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
-    public, secret = _load(path)
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise KeyFileError(f"{path}: cannot read the secret key file: {why}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: the secret key is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise KeyFileError(f"{path}: the secret key file belongs to uid {st.st_uid}, not to this user "
+                               f"(uid {os.geteuid()}) or root")
+        # systemd's LoadCredential= hands the file over read-only through an ACL, which shows as group-read (0440):
+        # that is still private to the service, so only there group read is allowed.
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        allowed = 0o040 if creds and path.resolve().parent == Path(creds).resolve() else 0
+        if st.st_mode & 0o077 & ~allowed:
+            raise KeyFileError(f"{path}: the secret key file is accessible by group or others (mode "
+                               f"{stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}")
+        public, secret = _parse(path, f.read(64 * 1024))
     if secret is None:
         raise KeyFileError(f"{path}: holds no secret key (is it the public .key file?)")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import time
@@ -155,6 +156,14 @@ def test_bad_key_files_are_refused(keys: Keys, tmp_path: Path) -> None:
     mismatch.chmod(0o600)
     refused("does not match the secret key", curve_secret_key=mismatch)
     refused("authorized keys directory does not exist", curve_authorized_keys_dir=tmp_path / "nowhere")
+    link = tmp_path / "link.key_secret"  # a symlink to a valid secret key: not followed
+    link.symlink_to(keys.server_secret)
+    refused("link.key_secret: cannot read the secret key file: it is a symbolic link", curve_secret_key=link)
+    if os.geteuid() == 0:  # only root can give a file to another user (CI runs as root)
+        foreign = Path(shutil.copy(keys.server_secret, tmp_path / "foreign.key_secret"))
+        foreign.chmod(0o600)
+        os.chown(foreign, 4242, 4242)
+        refused(r"foreign.key_secret: the secret key file belongs to uid 4242", curve_secret_key=foreign)
     with pytest.raises(ValueError, match="both"):
         PublisherConfig(curve_secret_key=keys.server_secret)
 
