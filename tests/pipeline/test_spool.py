@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -186,3 +187,28 @@ def test_spool_memory_stays_bounded(tmp_path: Path) -> None:
 def test_spool_needs_push(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spool needs mode 'push'"):
         PublisherConfig(mode="pub", spool_dir=tmp_path)
+
+
+def test_spool_takes_only_its_own_names_and_syncs_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """A file named with non-ASCII digits ("٣".isdigit() is true) was taken as a message; renames and unlinks were
+    not made durable (no fsync of the folder)."""
+    size = len(pack(msg(0)))
+    (tmp_path / "٣.msg").write_bytes(pack(msg(7)))
+    (tmp_path / "12.msg").write_bytes(pack(msg(8)))  # not a name the spool writes either
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    s = Spool(tmp_path, max_bytes=10 * size)
+    assert len(s) == 0 and s.peek() is None
+    synced.clear()
+    assert s.put(msg(1))
+    assert str(tmp_path) in synced  # after the rename: the folder itself
+    synced.clear()
+    s.pop()
+    assert synced == [str(tmp_path)]  # after the unlink
+    s.close()

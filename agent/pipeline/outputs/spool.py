@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import struct
 from collections import deque
 from pathlib import Path
@@ -74,7 +75,9 @@ class Spool:
         self._queue: deque[tuple[int, int]] = deque()  # (sequence, file size), oldest first
         for p in self.dir.glob(".*.tmp"):  # a write cut short by a crash
             p.unlink(missing_ok=True)
-        found = sorted((int(p.stem), p.stat().st_size) for p in self.dir.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        # only names this class writes: 16 ASCII digits ("٣".isdigit() is true, and int() takes it)
+        found = sorted((int(p.stem), p.stat().st_size) for p in self.dir.glob(f"*{SUFFIX}")
+                       if re.fullmatch(r"[0-9]{16}", p.stem))
         self._queue.extend(found)
         self.bytes = sum(size for _, size in found)
         self._next = found[-1][0] + 1 if found else 0
@@ -94,9 +97,18 @@ class Spool:
             self._remove()
             self.dropped += 1
 
+    def _sync_dir(self) -> None:
+        """Make the folder's entries (a rename, an unlink) durable, not only the files' contents."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _remove(self) -> None:
         seq, size = self._queue.popleft()
         self._path(seq).unlink(missing_ok=True)
+        self._sync_dir()
         self.bytes -= size
 
     def put(self, parts: list[bytes]) -> bool:
@@ -115,6 +127,7 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            self._sync_dir()
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
