@@ -41,6 +41,22 @@ class Item:
         self.reason, self.why = reason, why
 
 
+def identity_images(in_dir: Path) -> tuple[list[str], list[Item]]:
+    """The identity folders of `in_dir` and their image files. Symbolic links are not followed (a face set
+    is often someone else's folder): one is logged and skipped."""
+    root = in_dir.resolve()
+
+    def inside(p: Path) -> bool:
+        if p.is_symlink() or not p.resolve().is_relative_to(root):
+            log.warning("%s: a symbolic link (or reached through one), skipped", p)
+            return False
+        return True
+
+    identities = sorted(p.name for p in in_dir.iterdir() if p.is_dir() and inside(p))
+    items = [Item(name, path) for name in identities for path in expand_paths([in_dir / name]) if inside(path)]
+    return identities, items
+
+
 def curate(in_dir: Path, out_dir: Path, scorer: Scorer, detector: Detector, ers: ErsModel | None = None,
            eps: float = EPS, min_cos: float = MIN_COS, floor: float | None = None) -> dict:
     """Curate `in_dir` (one sub-folder per identity) into `out_dir` (must not exist or be empty) and return the
@@ -52,8 +68,7 @@ def curate(in_dir: Path, out_dir: Path, scorer: Scorer, detector: Detector, ers:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty")
     floor = floor if floor is not None else identity_floor(ers)
-    identities = sorted(p.name for p in in_dir.iterdir() if p.is_dir())
-    items = [Item(name, path) for name in identities for path in expand_paths([in_dir / name])]
+    identities, items = identity_images(in_dir)
     log.info("curating %d images of %d identities from %s", len(items), len(identities), in_dir)
     for it in items:
         try:

@@ -4,6 +4,7 @@ faceless file."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import cv2
@@ -13,7 +14,7 @@ import pytest
 from agent.common.fr_spec import FACENET
 from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import build_scorer
-from agent.quality.curate import curate
+from agent.quality.curate import curate, identity_images
 from agent.quality.ers import ErsModel, balanced_threshold, degrade, embed, face_set, lfw_groups, unit_mean
 
 PEOPLE = ["Alvaro_Uribe", "Donald_Rumsfeld", "Gerhard_Schroeder", "Jacques_Chirac", "Jennifer_Capriati"]
@@ -98,3 +99,23 @@ def test_distinct_photos_survive_and_outputs_are_written(curated):
     assert sheet is not None and sheet.shape[1] == 8 * 104 and sheet.shape[0] > 5 * 150
     with pytest.raises(ValueError, match="not empty"):
         curate(src, out, scorer, make_detector(DetectorSpec()))
+
+
+def test_symlinks_out_of_the_input_folder_are_not_followed(tmp_path, caplog):
+    """`curate` read whatever an identity folder's symlinks pointed at (another user's photos, any file)."""
+    outside = tmp_path / "outside"
+    (outside / "carol").mkdir(parents=True)
+    (outside / "secret.jpg").write_bytes(b"x")
+    (outside / "carol" / "c.jpg").write_bytes(b"x")
+    faces = tmp_path / "faces"
+    (faces / "alice" / "more").mkdir(parents=True)
+    (faces / "alice" / "a.jpg").write_bytes(b"x")
+    (faces / "alice" / "more" / "b.png").write_bytes(b"x")
+    (faces / "alice" / "link.jpg").symlink_to(outside / "secret.jpg")
+    (faces / "alice" / "linked-dir").symlink_to(outside / "carol")
+    (faces / "bob").symlink_to(outside / "carol")
+    with caplog.at_level(logging.WARNING, logger="agent.quality.curate"):
+        identities, items = identity_images(faces)
+    assert identities == ["alice"]
+    assert sorted(str(i.path.relative_to(faces)) for i in items) == ["alice/a.jpg", "alice/more/b.png"]
+    assert "bob: a symbolic link" in caplog.text and "link.jpg: a symbolic link" in caplog.text
