@@ -27,7 +27,7 @@ from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import Scorer
 from agent.pipeline.select import Candidate, Gate, SelectionConfig, Selector, TokenBucket
 from agent.pipeline.sources.upstream import UpstreamOptions, UpstreamSource
-from agent.pipeline.sources.video import SourceOptions, VideoSource
+from agent.pipeline.sources.video import SourceOptions, VideoSource, is_live
 from agent.pipeline.track import Tracker, TrackerConfig
 from agent.types import BestShot, Frame, TrackedFace
 
@@ -92,6 +92,14 @@ class _Ends:
     def finish(self) -> list[int]:
         ended, self.last = list(self.last), {}
         return ended
+
+
+def _is_live(cam: CameraConfig) -> bool:
+    """An input that should never end: an upstream subscription, or a live url (files end; that is normal)."""
+    if cam.upstream is not None:
+        return True
+    reconnect = cam.source.reconnect
+    return bool(reconnect if reconnect is not None else cam.url and is_live(cam.url))
 
 
 class CameraWorker(threading.Thread):
@@ -230,6 +238,10 @@ class Pipeline:
         self.scored = 0
         self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.service.metrics.Liveness)
         self.end_latency_s: list[float] = []
+        # Live inputs whose worker failed: restarted after a backoff (1 s doubling to 60 s), never left dead.
+        self.restarts: dict[str, int] = {}
+        self.pending: dict[str, tuple[float, CameraConfig, str]] = {}  # camera -> (when, config, the error)
+        self._backoff: dict[str, float] = {}
         for cam in cameras:
             self.add_camera(cam)
 
@@ -268,11 +280,31 @@ class Pipeline:
 
     def _alive(self) -> bool:
         with self.lock:
-            return any(w.is_alive() for w in [*self.workers.values(), *self.retiring])
+            return bool(self.pending) or any(w.is_alive() for w in [*self.workers.values(), *self.retiring])
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for cam_id, (when, cam, _) in list(self.pending.items()):
+            if now >= when and not self.stopping.is_set():
+                del self.pending[cam_id]
+                log.info("camera %s: restarting its worker (restart %d)", cam_id, self.restarts[cam_id])
+                self.add_camera(cam)
+        self.start_workers()
+
+    def _schedule_restart(self, worker: CameraWorker) -> None:
+        """A live input's worker died of an error: start a new one after the camera's backoff."""
+        cam = worker.cam
+        delay = self._backoff.get(cam.id, 1.0)
+        self._backoff[cam.id] = min(2 * delay, 60.0)
+        self.restarts[cam.id] = self.restarts.get(cam.id, 0) + 1
+        self.pending[cam.id] = (time.monotonic() + delay, cam, worker.error or "")
+        log.error("camera %s: worker failed (%s); restart %d in %.0f s", cam.id, worker.error, self.restarts[cam.id],
+                  delay)
 
     def stop(self) -> None:
         """Stop the sources; run() then flushes every open track and returns."""
         self.stopping.set()
+        self.pending.clear()
         with self.lock:
             workers = [*self.workers.values(), *self.retiring]
         for w in workers:
@@ -288,6 +320,8 @@ class Pipeline:
                 self.heartbeat = time.monotonic()
                 if self.tick is not None:
                     self.tick()
+                if self.pending:
+                    self._restart_due()
                 if items:
                     self._process(items)
                 elif not self._alive() and self.queue.empty():
@@ -338,11 +372,14 @@ class Pipeline:
             elif isinstance(item, _Eos):
                 worker = item.worker
                 with self.lock:
-                    if self.workers.get(item.camera) is worker:
+                    current = self.workers.get(item.camera) is worker
+                    if current:
                         del self.workers[item.camera]
                     elif worker in self.retiring:
                         self.retiring.remove(worker)
                     self.finished.append(worker)
+                if current and worker.error and _is_live(worker.cam) and not self.stopping.is_set():
+                    self._schedule_restart(worker)
                 worker.detector = None  # only its counters are needed from now on
                 log.info("camera %s: ended after %d frames, %d faces detected%s", item.camera, worker.frames,
                          worker.detections, f" ({worker.error})" if worker.error else "")

@@ -160,6 +160,12 @@ class Liveness:
             src = source_counts(w)
             cameras[cam] = {"up": bool(src["up"]), "ended": False, "frames": w.frames, "reconnects": src["reconnects"],
                             "last_error": src["last_error"] or w.error}
+        now = time.monotonic()
+        for cam, (when, _, error) in dict(getattr(self.pipeline, "pending", {})).items():
+            cameras[cam] = {**cameras.get(cam, {}), "up": False, "ended": False, "last_error": error,
+                            "restarts": self.pipeline.restarts.get(cam, 0),
+                            "restart_in_s": round(max(0.0, when - now), 1)}
+            reasons.append(f"camera {cam}: worker failed ({error}); restarting")
         if running and not any(c["up"] for c in cameras.values()):
             reasons.append("no camera is up")
         return not reasons, {"status": "unhealthy" if reasons else "ok", "reasons": reasons, "cameras": cameras}

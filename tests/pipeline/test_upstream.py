@@ -312,3 +312,43 @@ def test_upstream_tracks_end_by_wall_clock_too() -> None:
     assert ends.update([], pts=5.0, wall=101.2) == [7]  # same pts, but 1.2 s of wall time without it
     assert ends.update([face], pts=6.0, wall=102.0) == []
     assert ends.expire(None, 103.5) == [7]  # another camera's message: this camera fell silent
+
+
+def test_a_failed_live_worker_is_restarted_and_reported(frames: list[Frame], endpoint: str, monkeypatch) -> None:
+    """A live input's worker that dies anyway (here: its first frame raises) was left dead, and `run` ended with
+    exit 0 once no other camera was alive; now it is restarted after a backoff and /healthz says so meanwhile."""
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, CameraWorker, Pipeline
+    from agent.pipeline.score import build_scorer
+    from agent.service.metrics import Liveness
+
+    real, calls = CameraWorker._frame, []
+
+    def flaky(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, *args)
+
+    monkeypatch.setattr(CameraWorker, "_frame", flaky)
+    scorer, _ = build_scorer(FACENET)
+    pipeline = Pipeline([CameraConfig("line3", upstream=UpstreamOptions(endpoint))], FACENET, scorer, lambda s: True)
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    runner.start()
+    sent, healths = 0, []
+    with zmq.Context.instance().socket(zmq.PUB) as pub:
+        pub.bind(endpoint)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (pipeline.restarts and len(calls) > 3):
+            pub.send_multipart(message(frames[sent % len(frames)], []))
+            sent += 1
+            if pipeline.pending:
+                healths.append(Liveness(pipeline).health())
+            time.sleep(0.05)
+    pipeline.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert pipeline.restarts == {"line3": 1} and len(calls) > 3  # the new worker took frames
+    ok, body = healths[0]
+    assert not ok and "camera line3: worker failed (RuntimeError: boom); restarting" in body["reasons"]
+    assert body["cameras"]["line3"]["restarts"] == 1 and body["cameras"]["line3"]["up"] is False
