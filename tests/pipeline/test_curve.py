@@ -171,3 +171,33 @@ def test_bad_key_files_are_refused(keys: Keys, tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="accessible by group or others"):
         subscribe("tcp://127.0.0.1:1", timeout_s=0.1, server_public_key=keys.server_public,
                   client_secret_key=keys.allowed[1])
+
+
+def test_revoking_a_key_cuts_off_a_connected_subscriber(keys: Keys) -> None:
+    """A connected subscriber kept receiving 5 of 5 after its key was deleted and the allow-list reloaded (ZAP
+    checks only handshakes). Now the reload drops every connection: the revoked client gets nothing more, the
+    one still allowed reconnects and gets the rest."""
+    shutil.copy(keys.stranger[0], keys.authorized)  # both clients allowed at first
+    with Publisher(keys.config()) as pub:
+        kept = sub_socket(keys.server_public, keys.allowed)
+        revoked = sub_socket(keys.server_public, keys.stranger)
+        try:
+            for s in (kept, revoked):
+                s.connect(pub.endpoint)
+            wait_first(pub, kept)
+            wait_first(pub, revoked)
+            (keys.authorized / keys.stranger[0].name).unlink()
+            assert pub.reload_authorized_keys() == 1
+            pub.pump()  # on the publisher's thread: the connections go
+            while revoked.poll(0):  # anything sent before the revocation
+                revoked.recv_multipart()
+            deadline, got = time.monotonic() + 20, 0
+            while got < 5 and time.monotonic() < deadline:  # until the allowed one is back and has 5 shots
+                pub.publish(make_shot(track_id=1000))
+                while kept.poll(50):
+                    got += decode(kept.recv_multipart()).meta["track_id"] == 1000
+            assert got >= 5
+            assert not revoked.poll(300)  # the revoked one: nothing after the revocation
+        finally:
+            kept.close()
+            revoked.close()

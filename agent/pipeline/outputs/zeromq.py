@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,16 @@ class BindError(OSError):
     """The publisher could not bind its endpoint (in use, bad address, no permission)."""
 
 
+class _AllowList:
+    """ZAP credentials provider: a client is admitted when its public key (Z85) is in the validated set."""
+
+    def __init__(self, keys: frozenset[bytes]):
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
 @dataclass
 class PublisherConfig:
     """Where and how to publish. The publisher binds; consumers connect.
@@ -221,16 +232,15 @@ class Publisher:
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=1)
         self._auth: ThreadAuthenticator | None = None
-        self._sock = self._ctx.socket(zmq.PUB if config.mode == "pub" else zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, config.sndhwm)
-        self._sock.setsockopt(zmq.LINGER, config.linger_ms)
+        self._keys = keys
+        self._allowed: frozenset[bytes] = frozenset()  # the validated allow-list ZAP enforces
+        self._revoked = threading.Event()  # set by reload_authorized_keys, acted on by pump() on this thread
+        self._sock = self._socket()
         try:
             if keys is not None:
                 self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.auth"))
                 self._auth.start()
                 self.reload_authorized_keys()
-                self._sock.curve_publickey, self._sock.curve_secretkey = keys
-                self._sock.curve_server = True
             try:
                 self._sock.bind(config.endpoint)
             except zmq.ZMQError as e:
@@ -241,6 +251,32 @@ class Publisher:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port when bound to *
         log.info("publishing best shots (%s%s%s) on %s", config.mode, ", CURVE" if keys else "",
                  f", spool {config.spool_dir}" if self._spool is not None else "", self.endpoint)
+
+    def _socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUB if self.config.mode == "pub" else zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
+        sock.setsockopt(zmq.LINGER, self.config.linger_ms)
+        if self._keys is not None:
+            sock.curve_publickey, sock.curve_secretkey = self._keys
+            sock.curve_server = True
+        return sock
+
+    def _rebind(self) -> None:
+        """A key was revoked: ZAP checks only new handshakes, so drop every connection (a new socket on the same
+        endpoint); allowed clients reconnect by themselves and are checked against the new list."""
+        self._sock.unbind(self.endpoint)
+        self._sock.close(linger=0)
+        self._sock = self._socket()
+        deadline = time.monotonic() + 2.0
+        while True:  # ZeroMQ releases the old listener on its I/O thread: moments later
+            try:
+                self._sock.bind(self.endpoint)
+                break
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise BindError(f"cannot bind {self.endpoint} again after a revocation: {e.strerror}") from e
+                time.sleep(0.01)
+        log.info("%s: connections dropped after a key was revoked; allowed clients reconnect", self.endpoint)
 
     @property
     def spool_dropped(self) -> int:
@@ -256,14 +292,21 @@ class Publisher:
 
     def reload_authorized_keys(self) -> int:
         """Re-read the allow-list directory (call it on SIGHUP; safe from another thread, it does not touch the socket);
-        the number of allowed client keys. New connections are checked against it; established ones stay.
+        the number of allowed client keys. The set read here is the one logged and the one ZAP enforces. When a key
+        was removed, the next pump() drops every connection so that revoked clients are cut off at once.
         A bad file raises KeyFileError and keeps the previous list."""
         if self._auth is None:
             return 0
-        n = len(load_authorized_keys(self.config.curve_authorized_keys_dir))
-        self._auth.configure_curve(domain="*", location=str(self.config.curve_authorized_keys_dir))
-        log.log(logging.INFO if n else logging.WARNING, "CURVE allow-list %s: %d client key(s)%s",
-                self.config.curve_authorized_keys_dir, n, "" if n else ": every subscriber will be refused")
+        keys = frozenset(load_authorized_keys(self.config.curve_authorized_keys_dir))
+        revoked = self._allowed - keys
+        self._allowed = keys
+        self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(keys))
+        n = len(keys)
+        log.log(logging.INFO if n else logging.WARNING, "CURVE allow-list %s: %d client key(s)%s%s",
+                self.config.curve_authorized_keys_dir, n, "" if n else ": every subscriber will be refused",
+                f"; {len(revoked)} revoked: their connections are dropped" if revoked else "")
+        if revoked:
+            self._revoked.set()
         return n
 
     def publish(self, shot: BestShot) -> bool:
@@ -292,7 +335,10 @@ class Publisher:
 
     def pump(self, max_messages: int = 64) -> int:
         """Send up to max_messages spooled shots, oldest first, while a consumer can take them; never blocks.
-        Returns how many were sent."""
+        Returns how many were sent. Also where a revocation takes effect (see reload_authorized_keys)."""
+        if self._revoked.is_set():
+            self._revoked.clear()
+            self._rebind()
         sent = 0
         while (self._spool and sent < max_messages and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT
                and (parts := self._spool.peek()) is not None and self._send(parts)):
