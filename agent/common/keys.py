@@ -108,6 +108,17 @@ def load_public_key(path: str | Path) -> bytes:
     return _load(Path(path))[0]
 
 
+class AllowList:
+    """ZAP credentials provider (zmq.auth's `configure_curve_callback`): a client is admitted when its public key
+    (Z85) is in the validated set, so the set that is logged is the set that is enforced."""
+
+    def __init__(self, keys: frozenset[bytes] | set[bytes]):
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
 def load_authorized_keys(directory: str | Path) -> dict[bytes, bool]:
     """The public keys of every ``*.key`` file in an allow-list directory (the zmq.auth layout);
     raises KeyFileError naming the directory or the first bad file."""

@@ -352,3 +352,35 @@ def test_a_failed_live_worker_is_restarted_and_reported(frames: list[Frame], end
     ok, body = healths[0]
     assert not ok and "camera line3: worker failed (RuntimeError: boom); restarting" in body["reasons"]
     assert body["cameras"]["line3"]["restarts"] == 1 and body["cameras"]["line3"]["up"] is False
+
+
+@pytest.mark.parametrize("who", ["allowed", "stranger", "plain"])
+def test_curve_upstream_takes_allowed_senders_only(frames: list[Frame], endpoint: str, tmp_path: Path,
+                                                   who: str) -> None:
+    """Any local user could inject faces into the upstream input; with CURVE only allowed senders get through."""
+    from agent.common.keys import check_secret_file, generate_keys, load_public_key
+
+    agent_keys = generate_keys(tmp_path / "agent", "agent")
+    sender = generate_keys(tmp_path / "senders", "line3")
+    stranger = generate_keys(tmp_path / "senders", "stranger")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / sender[0].name).write_bytes(sender[0].read_bytes())
+    source = UpstreamSource(UpstreamOptions(endpoint, bind=True, curve_secret_key=agent_keys[1],
+                                            curve_authorized_keys_dir=allowed))
+    items: list[Item] = []
+    reader = threading.Thread(target=lambda: items.extend(collect(source, 1, timeout=4.0)))
+    reader.start()
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as pub:
+        pub.setsockopt(zmq.LINGER, 0)
+        if who != "plain":
+            pub.curve_serverkey = load_public_key(agent_keys[0])
+            pub.curve_publickey, pub.curve_secretkey = check_secret_file((sender if who == "allowed" else stranger)[1])
+        pub.connect(endpoint)
+        while reader.is_alive():  # PUB drops until the subscription arrives: keep sending until the reader ends
+            pub.send_multipart(message(frames[0], tracks(frames[0])))
+            time.sleep(0.05)
+    reader.join()
+    assert len(items) == (1 if who == "allowed" else 0)
+    if who == "allowed":
+        assert_intact(items[0], frames[0], exact=False)

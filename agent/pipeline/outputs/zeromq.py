@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from agent.common.keys import check_secret_file, load_authorized_keys
+from agent.common.keys import AllowList, check_secret_file, load_authorized_keys
 from agent.pipeline.outputs.spool import Spool
 from agent.types import BestShot
 
@@ -137,16 +137,6 @@ def decode(parts: list[bytes]) -> Message:
 
 class BindError(OSError):
     """The publisher could not bind its endpoint (in use, bad address, no permission)."""
-
-
-class _AllowList:
-    """ZAP credentials provider: a client is admitted when its public key (Z85) is in the validated set."""
-
-    def __init__(self, keys: frozenset[bytes]):
-        self.keys = keys
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
 
 
 @dataclass
@@ -300,7 +290,7 @@ class Publisher:
         keys = frozenset(load_authorized_keys(self.config.curve_authorized_keys_dir))
         revoked = self._allowed - keys
         self._allowed = keys
-        self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(keys))
+        self._auth.configure_curve_callback(domain="*", credentials_provider=AllowList(keys))
         n = len(keys)
         log.log(logging.INFO if n else logging.WARNING, "CURVE allow-list %s: %d client key(s)%s%s",
                 self.config.curve_authorized_keys_dir, n, "" if n else ": every subscriber will be refused",

@@ -43,11 +43,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
+from agent.common.keys import AllowList, check_secret_file, load_authorized_keys
 from agent.types import Detection, Frame, TrackedFace
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,14 @@ class UpstreamOptions:
     max_tracks: int = 64  # tracks per message
     max_pixels: int = 16_000_000  # per decoded image (4K UHD is 8.3 million), checked before decoding
     max_cameras: int = 16  # distinct camera names on this input; messages naming a further one are skipped
+    # CURVE, like the publisher's: this input is a CURVE server with this agent's secret key, and only senders
+    # whose public .key file is in the folder may send (the others' handshakes are refused); both or neither.
+    curve_secret_key: Path | None = None
+    curve_authorized_keys_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys_dir is None):
+            raise ValueError("CURVE needs both curve_secret_key and curve_authorized_keys_dir")
 
 
 def _need(ok: bool, cause: str) -> None:
@@ -181,13 +192,26 @@ class UpstreamSource:
         self.received = 0  # messages taken off the socket
         self.malformed = 0  # of those, skipped as malformed
         self.cameras: set[str] = set()  # camera names seen (at most max_cameras)
-        self._context = context or zmq.Context.instance()
+        # keys checked now, so that a bad one fails at start, naming the file (KeyFileError)
+        self._curve = None if options.curve_secret_key is None else (
+            check_secret_file(options.curve_secret_key), load_authorized_keys(options.curve_authorized_keys_dir))
+        # a ZAP authenticator belongs to a context: a CURVE input gets one of its own
+        self._context = zmq.Context() if self._curve else (context or zmq.Context.instance())
         self._stopping = threading.Event()
 
     def frames(self) -> Iterator[tuple[Frame, list[TrackedFace]]]:
         """(Frame, tracks) per well-formed message, in arrival order, until `stop()`; the socket lives in here."""
         opts = self.options
+        auth = None
+        if self._curve is not None:
+            (public, secret), allowed = self._curve
+            auth = ThreadAuthenticator(self._context, log=logging.getLogger(f"{__name__}.auth"))
+            auth.start()
+            auth.configure_curve_callback(domain="*", credentials_provider=AllowList(set(allowed)))
+            log.info("upstream %s: CURVE, %d allowed sender key(s)", opts.endpoint, len(allowed))
         sock = self._context.socket(zmq.SUB)
+        if self._curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_server = public, secret, True
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, opts.hwm)
@@ -218,6 +242,9 @@ class UpstreamSource:
                 yield item
         finally:
             sock.close()
+            if auth is not None:
+                auth.stop()
+                self._context.term()
 
     def stop(self) -> None:
         """End `frames()` within `poll_ms`; returns at once."""
