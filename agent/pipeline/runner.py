@@ -72,14 +72,20 @@ class _Ends:
     """Track ends for upstream tracks (no tracker of ours): a track unseen for `max_lost_s` of stream time, or of
     wall-clock time (a stream whose pts stand still, a camera that fell silent), has ended."""
 
-    def __init__(self, max_lost_s: float):
-        self.max_lost_s = max_lost_s
-        self.last: dict[int, tuple[float, float]] = {}  # track -> (pts, wall time) last seen
+    def __init__(self, max_lost_s: float, max_open: int = 256):
+        self.max_lost_s, self.max_open = max_lost_s, max_open
+        self.last: dict[int, tuple[float, float]] = {}  # track -> (pts, wall time) last seen, oldest first
 
     def update(self, tracks: list[TrackedFace], pts: float, wall: float) -> list[int]:
         for t in tracks:
+            self.last.pop(t.track_id, None)  # re-inserted: the dict stays ordered by last sighting
             self.last[t.track_id] = (pts, wall)
-        return self.expire(pts, wall)
+        ended = self.expire(pts, wall)
+        while len(self.last) > self.max_open:  # each open track holds crops: the least recently seen ends
+            tid = next(iter(self.last))
+            del self.last[tid]
+            ended.append(tid)
+        return ended
 
     def expire(self, pts: float | None, wall: float) -> list[int]:
         """The tracks unseen for too long at (`pts` of this camera, or None for another camera's message)."""
@@ -145,9 +151,9 @@ class CameraWorker(threading.Thread):
                 end_wall = time.time()
                 self.out.put((end, end_wall))
 
-    def _items(self) -> Iterator[tuple[Frame, list[TrackedFace] | None]]:
+    def _items(self) -> Iterator[tuple[Frame | None, list[TrackedFace] | None]]:
         if isinstance(self.source, UpstreamSource):
-            yield from self.source.frames()
+            yield from self.source.frames(ticks=True)
         else:
             for f in self.source.frames():
                 yield f, None
@@ -160,6 +166,10 @@ class CameraWorker(threading.Thread):
                 self.times.add("decode", time.perf_counter() - t0)
                 if self.stopping.is_set():
                     break
+                if frame is None:  # an upstream input with nothing to say: its silent tracks still end on time
+                    for camera, tr in trackers.items():
+                        self._end(camera, tr.expire(None, time.monotonic()))
+                    continue
                 self._frame(frame, upstream_tracks, trackers)
                 t0 = time.perf_counter()
         except Exception as e:  # a camera failing never stops the others
@@ -187,7 +197,8 @@ class CameraWorker(threading.Thread):
             self.times.add("track", time.perf_counter() - t)
         else:
             wall = time.monotonic()
-            tracker = trackers.setdefault(frame.camera, _Ends(self.cam.tracker.max_lost_s))
+            tracker = trackers.setdefault(frame.camera, _Ends(self.cam.tracker.max_lost_s,
+                                                               self.cam.tracker.max_open_tracks))
             faces, ended = upstream_tracks, tracker.update(upstream_tracks, frame.pts, wall)
             self.detections += len(faces)
             for camera, other in trackers.items():  # the input's other cameras: their silent tracks end too

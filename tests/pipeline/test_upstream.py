@@ -384,3 +384,51 @@ def test_curve_upstream_takes_allowed_senders_only(frames: list[Frame], endpoint
     assert len(items) == (1 if who == "allowed" else 0)
     if who == "allowed":
         assert_intact(items[0], frames[0], exact=False)
+
+
+def test_open_upstream_tracks_are_bounded_per_camera() -> None:
+    """Each open track holds crops; an upstream that never repeats an id opened them without bound."""
+    from agent.pipeline.runner import _Ends
+    from agent.types import Detection
+
+    def face(i: int) -> TrackedFace:
+        return TrackedFace(i, Detection(np.array([0, 0, 10, 10], np.float32), 1.0))
+
+    ends = _Ends(max_lost_s=10.0, max_open=3)
+    assert ends.update([face(1), face(2), face(3)], pts=0.0, wall=0.0) == []
+    assert ends.update([face(1)], pts=0.1, wall=0.1) == []  # 1 seen again: 2 is now the least recently seen
+    assert ends.update([face(4), face(5)], pts=0.2, wall=0.2) == [2, 3]
+    assert list(ends.last) == [1, 4, 5]
+
+
+def test_a_silent_upstream_input_still_ends_its_tracks(frames: list[Frame], endpoint: str) -> None:
+    """Tracks ended only when a later message came; an input that falls silent now ends them on its own clock."""
+    import queue
+
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, CameraWorker, StageTimes
+    from agent.pipeline.select import TokenBucket, TrackEnd
+    from agent.pipeline.track import TrackerConfig
+
+    out: queue.Queue = queue.Queue()
+    cam = CameraConfig("line3", upstream=UpstreamOptions(endpoint, poll_ms=50), tracker=TrackerConfig(max_lost_s=0.5))
+    worker = CameraWorker(cam, FACENET, out, TokenBucket(None), StageTimes())
+    worker.start()
+    try:
+        with zmq.Context.instance().socket(zmq.PUB) as pub:
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind(endpoint)
+            deadline = time.monotonic() + 10
+            while worker.frames == 0 and time.monotonic() < deadline:  # until the subscription is through
+                pub.send_multipart(message(frames[0], [{"id": 5, "box": [240, 100, 330, 210]}]))
+                time.sleep(0.05)
+            assert worker.frames >= 1
+            ends, deadline = [], time.monotonic() + 5  # then silence: no message at all
+            while not ends and time.monotonic() < deadline:
+                item = out.get(timeout=5)
+                if isinstance(item, tuple) and isinstance(item[0], TrackEnd):
+                    ends.append(item[0])
+        assert [e.track_id for e in ends] == [5]
+    finally:
+        worker.stop()
+        worker.join(5)

@@ -199,8 +199,9 @@ class UpstreamSource:
         self._context = zmq.Context() if self._curve else (context or zmq.Context.instance())
         self._stopping = threading.Event()
 
-    def frames(self) -> Iterator[tuple[Frame, list[TrackedFace]]]:
-        """(Frame, tracks) per well-formed message, in arrival order, until `stop()`; the socket lives in here."""
+    def frames(self, ticks: bool = False) -> Iterator[tuple[Frame | None, list[TrackedFace]]]:
+        """(Frame, tracks) per well-formed message, in arrival order, until `stop()`; the socket lives in here.
+        With `ticks`, also (None, []) after every `poll_ms` without a message (the caller's clock)."""
         opts = self.options
         auth = None
         if self._curve is not None:
@@ -221,6 +222,8 @@ class UpstreamSource:
             log.info("upstream: %s %s", "bound to" if opts.bind else "connected to", opts.endpoint)
             while not self._stopping.is_set():
                 if not sock.poll(opts.poll_ms):
+                    if ticks:
+                        yield None, []
                     continue
                 parts = sock.recv_multipart()
                 self.received += 1
