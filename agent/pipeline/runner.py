@@ -180,6 +180,18 @@ class CameraWorker(threading.Thread):
                 self._end(camera, tr.finish())
             self.out.put(_Eos(self.cam.id, self))
 
+    def _cap_open(self, trackers: dict[str, _Ends], camera: str, ended: list[int]) -> None:
+        """At most `max_open_tracks_input` open over the input's cameras: the least recently seen ones end (their
+        best shots go out as at any end). Ends of `camera` join `ended`; the others' are sent here."""
+        cap = self.cam.tracker.max_open_tracks_input
+        open_tracks = sorted((w, cam, tid) for cam, tr in trackers.items() for tid, (_, w) in tr.last.items())
+        for _, cam, tid in open_tracks[: max(0, len(open_tracks) - cap)]:
+            del trackers[cam].last[tid]
+            if cam == camera:
+                ended.append(tid)
+            else:
+                self._end(cam, [tid])
+
     def _frame(self, frame: Frame, upstream_tracks: list[TrackedFace] | None, trackers: dict) -> None:
         self.frames += 1
         if upstream_tracks is None:
@@ -204,6 +216,7 @@ class CameraWorker(threading.Thread):
             for camera, other in trackers.items():  # the input's other cameras: their silent tracks end too
                 if other is not tracker:
                     self._end(camera, other.expire(None, wall))
+            self._cap_open(trackers, frame.camera, ended)
         t = time.perf_counter()
         gate = self._gate(frame.camera)
 

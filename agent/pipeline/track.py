@@ -35,7 +35,8 @@ class TrackerConfig:
     new_track_threshold: float = 0.6  # unmatched high detections scoring at least this start a track
     min_hits: int = 2  # matched updates (the first included) before a track is confirmed and output
     max_lost_s: float = 1.0  # a confirmed track unmatched for longer than this ends
-    max_open_tracks: int = 256  # upstream tracks open per camera; beyond it the least recently seen one ends
+    max_open_tracks: int = 64  # upstream tracks open per camera; beyond it the least recently seen one ends
+    max_open_tracks_input: int = 128  # the same over all the cameras of one upstream input
     velocity_tau_s: float = 0.5  # prediction moves v * tau * (1 - exp(-dt / tau)): v * dt early, bounded late
 
 

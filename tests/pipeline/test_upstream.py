@@ -432,3 +432,28 @@ def test_a_silent_upstream_input_still_ends_its_tracks(frames: list[Frame], endp
     finally:
         worker.stop()
         worker.join(5)
+
+
+
+def test_open_upstream_tracks_are_bounded_over_the_input() -> None:
+    """Per camera is not enough: 16 cameras x 64 tracks of whole-frame crops would not fit an 8 GB box."""
+    import queue
+
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, CameraWorker, StageTimes, _Ends
+    from agent.pipeline.select import TokenBucket, TrackEnd
+    from agent.pipeline.track import TrackerConfig
+
+    out: queue.Queue = queue.Queue()
+    cam = CameraConfig("in", upstream=UpstreamOptions("tcp://127.0.0.1:1"),
+                       tracker=TrackerConfig(max_open_tracks=10, max_open_tracks_input=4))
+    worker = CameraWorker(cam, FACENET, out, TokenBucket(None), StageTimes())
+    trackers = {"a": _Ends(10.0, 10), "b": _Ends(10.0, 10)}
+    trackers["a"].last = {1: (0.0, 1.0), 2: (0.0, 5.0)}
+    trackers["b"].last = {7: (0.0, 2.0), 8: (0.0, 3.0), 9: (0.0, 6.0)}
+    ended: list[int] = []
+    worker._cap_open(trackers, "a", ended)
+    assert ended == [1]  # camera a's least recently seen, left for the caller to end
+    ends = [item[0] for item in [out.get_nowait() for _ in range(out.qsize())] if isinstance(item, tuple)]
+    assert [] == [e for e in ends if not isinstance(e, TrackEnd)]
+    assert sum(len(t.last) for t in trackers.values()) == 4 and 1 not in trackers["a"].last
