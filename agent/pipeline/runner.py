@@ -308,9 +308,12 @@ class Pipeline:
 
     def _restart_due(self) -> None:
         now = time.monotonic()
-        for cam_id, (when, cam, _) in list(self.pending.items()):
-            if now >= when and not self.stopping.is_set():
+        with self.lock:
+            due = [(cam_id, cam) for cam_id, (when, cam, _) in self.pending.items() if now >= when]
+            for cam_id, _ in due:
                 del self.pending[cam_id]
+        for cam_id, cam in due:
+            if not self.stopping.is_set():
                 log.info("camera %s: restarting its worker (restart %d)", cam_id, self.restarts[cam_id])
                 self.add_camera(cam)
         self.start_workers()
@@ -320,16 +323,17 @@ class Pipeline:
         cam = worker.cam
         delay = self._backoff.get(cam.id, 1.0)
         self._backoff[cam.id] = min(2 * delay, 60.0)
-        self.restarts[cam.id] = self.restarts.get(cam.id, 0) + 1
-        self.pending[cam.id] = (time.monotonic() + delay, cam, worker.error or "")
+        with self.lock:  # /healthz reads these from its own thread
+            self.restarts[cam.id] = self.restarts.get(cam.id, 0) + 1
+            self.pending[cam.id] = (time.monotonic() + delay, cam, worker.error or "")
         log.error("camera %s: worker failed (%s); restart %d in %.0f s", cam.id, worker.error, self.restarts[cam.id],
                   delay)
 
     def stop(self) -> None:
         """Stop the sources; run() then flushes every open track and returns."""
         self.stopping.set()
-        self.pending.clear()
         with self.lock:
+            self.pending.clear()
             workers = [*self.workers.values(), *self.retiring]
         for w in workers:
             w.stop()

@@ -161,7 +161,9 @@ class Liveness:
             cameras[cam] = {"up": bool(src["up"]), "ended": False, "frames": w.frames, "reconnects": src["reconnects"],
                             "last_error": src["last_error"] or w.error}
         now = time.monotonic()
-        for cam, (when, _, error) in dict(getattr(self.pipeline, "pending", {})).items():
+        with self.pipeline.lock:
+            pending = dict(getattr(self.pipeline, "pending", {}))
+        for cam, (when, _, error) in pending.items():
             cameras[cam] = {**cameras.get(cam, {}), "up": False, "ended": False, "last_error": error,
                             "restarts": self.pipeline.restarts.get(cam, 0),
                             "restart_in_s": round(max(0.0, when - now), 1)}
