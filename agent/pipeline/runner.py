@@ -163,13 +163,14 @@ class CameraWorker(threading.Thread):
         try:
             t0 = time.perf_counter()
             for frame, upstream_tracks in self._items():
-                self.times.add("decode", time.perf_counter() - t0)
                 if self.stopping.is_set():
                     break
                 if frame is None:  # an upstream input with nothing to say: its silent tracks still end on time
                     for camera, tr in trackers.items():
                         self._end(camera, tr.expire(None, time.monotonic()))
                     continue
+                # counted with the frame it took (so decode counts equal frames, also when stopped mid-way)
+                self.times.add("decode", time.perf_counter() - t0)
                 self._frame(frame, upstream_tracks, trackers)
                 t0 = time.perf_counter()
         except Exception as e:  # a camera failing never stops the others
