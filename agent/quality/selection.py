@@ -104,10 +104,8 @@ def raw_cues(ev: Evidence, ers: ErsModel, reference: dict[str, tuple[np.ndarray,
 class SelectionScore:
     """The `Selection` hook of the scorer (agent.pipeline.score): evidence -> quality in [0, 1] and its cues."""
 
-    def __init__(self, ers: ErsModel, calibration: SelectionCalibration,
-                 weights: dict[str, float] | None = None, probability: tuple[float, float] | None = None):
+    def __init__(self, ers: ErsModel, calibration: SelectionCalibration):
         self.ers, self.calibration = ers, calibration
-        self.weights, self.probability = weights, probability
 
     def scale(self, cues: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each cue on the calibration's scale: 0 = clean calibration faces' median, -1 = degraded ones'."""
@@ -123,8 +121,8 @@ class SelectionScore:
     def __call__(self, ev: Evidence) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cues = raw_cues(ev, self.ers, self.calibration.reference)
         full = all(k in cues for k in STATS_CUES)
-        weights = self.weights or (WEIGHTS if full else WEIGHTS_NO_STATS)
-        slope, icpt = self.probability or (PROBABILITY if full else PROBABILITY_NO_STATS)
+        weights = WEIGHTS if full else WEIGHTS_NO_STATS
+        slope, icpt = PROBABILITY if full else PROBABILITY_NO_STATS
         z = self.scale(cues)
         s = sum(w * z[k] for k, w in weights.items())
         q = expit(slope * s + icpt)
