@@ -72,7 +72,7 @@ class _Ends:
     """Track ends for upstream tracks (no tracker of ours): a track unseen for `max_lost_s` of stream time, or of
     wall-clock time (a stream whose pts stand still, a camera that fell silent), has ended."""
 
-    def __init__(self, max_lost_s: float, max_open: int = 256):
+    def __init__(self, max_lost_s: float, max_open: int = 64):  # TrackerConfig.max_open_tracks
         self.max_lost_s, self.max_open = max_lost_s, max_open
         self.last: dict[int, tuple[float, float]] = {}  # track -> (pts, wall time) last seen, oldest first
 
