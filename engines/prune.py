@@ -68,7 +68,10 @@ class Recipe:
         if not (0.0 <= ratio < 1.0) or not (0.0 <= lo < hi <= 1.0):
             raise ValueError(f"bad pruning recipe {text!r}: need 0 <= ratio < 1 and 0 <= LO < HI <= 1")
         if m["pattern"]:
-            re.compile(m["pattern"])
+            try:
+                re.compile(m["pattern"])
+            except re.error as e:
+                raise ValueError(f"bad pruning recipe {text!r}: layer pattern {m['pattern']!r}: {e}") from None
         return cls(kind=kind, ratio=ratio, depth=(lo, hi), pattern=m["pattern"], criterion=criterion)
 
     def __str__(self) -> str:

@@ -3,6 +3,8 @@ covered in test_scoring.py)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -66,8 +68,10 @@ def test_recipe_text_round_trip_and_errors():
         assert str(Recipe.parse(text)) == text
     r = Recipe.parse("2:4@0.75-1")
     assert r.kind == "2:4" and r.depth == (0.75, 1.0)
-    for bad in ["3:4", "2:4:0.5", "unstructured:1.5", "2:4@0.8-0.2", "2:4/(", ""]:
-        with pytest.raises((ValueError, Exception)):
+    for bad, why in [("3:4", "expected KIND"), ("2:4:0.5", "no ratio"), ("unstructured:1.5", "0 <= ratio < 1"),
+                     ("2:4@0.8-0.2", "LO < HI"), ("2:4/(", "layer pattern '(': missing )"),
+                     ("", "expected KIND")]:
+        with pytest.raises(ValueError, match=re.escape(f"bad pruning recipe {bad!r}: ") + ".*" + re.escape(why)):
             Recipe.parse(bad)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from scipy.stats import spearmanr
+from scipy.stats import binomtest, spearmanr
 
 from agent.backends.onnxruntime import OnnxRuntimeBackend
 from agent.backends.pairs import build_pair
@@ -19,6 +19,7 @@ from agent.common.fr_spec import FACENET, preprocess
 from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import build_scorer, l2n
+from agent.quality.selection import with_selection
 from engines.prepare import GENERIC_RECIPE, prepare_fr
 from engines.prune import is_24, prunable_layers
 
@@ -136,11 +137,18 @@ DEGRADE = {
 }
 
 
-# Measured on 60 other LFW people with the default recipe (2:4 on the bottleneck): quality fell for 98 % (blur),
-# 88 % (downscale) and 57 % (noise) of faces; docs/QUALITY.md has every recipe's figures.
-@pytest.mark.parametrize("kind,min_frac", [("blur", 0.85), ("downscale", 0.75), ("noise", 0.45)])
-def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
-    scorer, _ = build_scorer(FACENET)
+# A fall must beat a coin flip: a one-sided sign test over the 40 faces at P < 0.001 (30 falls or more), and the
+# measured share may not slip (2026-12-01, severity 2 on these 40 faces). PreFIQs alone: blur 40, downscale 36,
+# noise 23 of 40; the selection score (what ships as `quality`): 40 of 40 for all three.
+@pytest.mark.parametrize("scoring,kind,min_frac", [
+    ("prefiqs", "blur", 0.95), ("prefiqs", "downscale", 0.85),
+    pytest.param("prefiqs", "noise", 0.75, marks=pytest.mark.xfail(
+        strict=True, reason="known blind spot of PreFIQs alone: 23 of 40 (docs/QUALITY.md, noise 0.12)")),
+    ("fused", "blur", 0.95), ("fused", "downscale", 0.95), ("fused", "noise", 0.95)])
+def test_quality_falls_under_degradation(lfw_faces, scoring, kind, min_frac):
+    scorer, prepared = build_scorer(FACENET)
+    if scoring == "fused":
+        with_selection(scorer, prepared, DetectorSpec())
     falls = 0
     firsts = [f for f in lfw_faces if f[1] == 1]
     for _, _, img, d in firsts:
@@ -148,8 +156,9 @@ def test_quality_falls_under_degradation(lfw_faces, kind, min_frac):
         bad = scorer.score([align(DEGRADE[kind](img, 2), d, FACENET)])[0].quality
         falls += bad < clean
     frac = falls / len(firsts)
-    print(f"{kind}: quality fell for {frac:.0%} of {len(firsts)} faces")
-    assert frac >= min_frac
+    p = binomtest(falls, len(firsts), 0.5, alternative="greater").pvalue
+    print(f"{scoring}, {kind}: quality fell for {falls} of {len(firsts)} faces (sign test P = {p:.2g})")
+    assert p < 1e-3 and frac >= min_frac
 
 
 @pytest.mark.parametrize("recipe,min_rho", [("2:4/Bottleneck", 0.45), ("2:4@0.75-1", 0.35),

@@ -103,7 +103,12 @@ def test_camera_server_killed_and_restarted(rtsp_server, shared_dir, tmp_path):
         for _ in range(2):  # kill the server mid-stream, twice
             server.kill()
             agent.wait(lambda: agent.value("bestshot_camera_up", camera="rtsp") == 0, 30, "rtsp marked down")
+            # /healthz: still healthy (the other camera is up), and says this one is down and why
             status, body = agent.get("/healthz")
+            health = json.loads(body)
+            assert status == 200 and health["status"] == "ok", body
+            assert health["cameras"]["rtsp"]["up"] is False and health["cameras"]["rtsp"]["last_error"], body
+            assert health["cameras"]["other"]["up"] is True, body
             other_before = agent.value("bestshot_frames_decoded_total", camera="other")
             time.sleep(2)
             # the other camera is unaffected while this one is down
@@ -114,8 +119,13 @@ def test_camera_server_killed_and_restarted(rtsp_server, shared_dir, tmp_path):
                        "rtsp frames after the restart")
             reconnects = agent.value("bestshot_camera_reconnects_total", camera="rtsp")
         assert reconnects >= 2
-        assert "rtsp" in agent.log.read_text() and "retry in" in agent.log.read_text()
-        print(f"reliability: RTSP server killed twice: {reconnects:.0f} reconnects, healthz while down: {status}")
+        health = json.loads(agent.get("/healthz")[1])
+        assert health["cameras"]["rtsp"]["up"] is True and health["cameras"]["rtsp"]["reconnects"] >= 2, health
+        # each drop is logged against this camera, with the url and the backoff
+        drops = [ln for ln in agent.log.read_text().splitlines()
+                 if f"camera rtsp: {server.url}:" in ln and "retry in" in ln]
+        assert len(drops) >= 2, agent.log.read_text()[-2000:]
+        print(f"reliability: RTSP server killed twice: {reconnects:.0f} reconnects, {len(drops)} logged drops")
     finally:
         assert agent.terminate() == 0
 
