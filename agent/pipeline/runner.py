@@ -250,7 +250,7 @@ class Pipeline:
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.budget = TokenBucket(score_budget, burst=max(4.0, (score_budget or 0) / 2))
         self.times = StageTimes()
-        self._trace_file: IO[str] | None = open(trace, "w") if trace else None  # noqa: SIM115
+        self._trace_file: IO[str] | None = open(trace, "w", buffering=1) if trace else None  # noqa: SIM115 (line by line: it can be followed live)
         self.selectors: dict[str, Selector] = {}
         self.workers: dict[str, CameraWorker] = {}
         self.finished: list[CameraWorker] = []  # workers whose stream ended (for their counters)

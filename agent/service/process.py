@@ -35,6 +35,7 @@ class RunSummary:
     frames: int
     detections: int
     scored: int
+    deferred: int  # faces the scoring budget passed over (a track's best of them is scored when it ends)
     published: int
     dropped: int
     seconds: float
@@ -123,7 +124,8 @@ class Agent:
         lat = self.pipeline.end_latency_s
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
-            scored=self.pipeline.scored, published=self.publisher.published, dropped=self.publisher.dropped,
+            scored=self.pipeline.scored, deferred=sum(g.deferred for w in workers for g in w.gates.values()),
+            published=self.publisher.published, dropped=self.publisher.dropped,
             seconds=time.monotonic() - t0,
             end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
         )
@@ -164,7 +166,7 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
         if server is not None:
             server.shutdown()
             server.server_close()
-    log.info("done: %d frames, %d faces detected, %d scored, %d shots published (%d dropped) in %.1f s",
-             summary.frames, summary.detections, summary.scored, summary.published, summary.dropped,
-             summary.seconds)
+    log.info("done: %d frames, %d faces detected, %d scored (%d deferred by the budget), %d shots published "
+             "(%d dropped) in %.1f s", summary.frames, summary.detections, summary.scored, summary.deferred,
+             summary.published, summary.dropped, summary.seconds)
     return summary

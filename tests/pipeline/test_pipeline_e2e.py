@@ -4,6 +4,7 @@ ZeroMQ subscriber."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +124,7 @@ def test_config_file_1080p_with_budget_and_topk(shared_dir, tmp_path):
     cfg = {
         "cameras": [{"id": "arcade", "url": str(shared_dir / "data/video/facenet_pytorch_video.mp4")}],
         "defaults": {"detector": {"input_size": 960}, "selection": {"top_k": 3, "min_face": 20, "min_quality": 0.5}},
-        "scoring": {"budget": 40},
+        "scoring": {"budget": 10},  # faces a second: well under what this clip offers (about 430 pass the gates)
         "publisher": {"endpoint": endpoint},
         "metrics": {"listen": None},
     }
@@ -135,6 +136,13 @@ def test_config_file_1080p_with_budget_and_topk(shared_dir, tmp_path):
     msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl", min_quality=0.5)
     assert len(msgs) >= 4  # 4 to 10 faces per frame
+    # the budget held: at most 10 a second over the run, plus the burst and each track's pending face at its end
+    done = re.search(r"done: \d+ frames, \d+ faces detected, (\d+) scored \((\d+) deferred by the budget\), "
+                     r"(\d+) shots published \(\d+ dropped\) in ([\d.]+) s", r.stderr)
+    assert done, r.stderr[-3000:]
+    scored, deferred, published, seconds = int(done[1]), int(done[2]), int(done[3]), float(done[4])
+    assert deferred > 0 and scored <= 10 * (seconds + 0.1) + 10 + published, done[0]
+    assert scored == sum(map(len, read_trace(tmp_path / "trace.jsonl")[0].values()))
     for m in msgs:
         top = m["extra"]["top_k"]
         assert 1 <= len(top) <= 3 and top[0]["frame_index"] == m["frame_index"]
@@ -197,9 +205,18 @@ def test_upstream_tracks_end_to_end(shared_dir, tmp_path):
     runner = threading.Thread(target=agent.run, daemon=True)
     runner.start()
     send(up, video_frames(clip, "selfie", 120), tracks, bind=True, subscribers=1)
-    time.sleep(1.5)  # past max_lost_s: the track ends
+    # with no more frames, every track ends on its own (wall clock past max_lost_s) and is published before stop()
+    trace = tmp_path / "trace.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+            trace.exists() and (done := read_trace(trace))[0] and set(done[0]) == {
+                (p["camera"], p["track_id"]) for p in done[1]}):
+        time.sleep(0.2)
+    scored, published = read_trace(trace)
+    assert scored and set(scored) == {(p["camera"], p["track_id"]) for p in published}, "tracks did not end"
     agent.stop()
-    runner.join(30)
+    runner.join(60)
+    assert not runner.is_alive(), "the agent did not stop"
     msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl")
     assert {m["camera"] for m in msgs} == {"selfie"}
