@@ -258,6 +258,9 @@ def test_real_pipeline(shared_dir):
     assert m["bestshot_shots_published_total", ()] == publisher.published == pipeline.published > 0
     assert m["bestshot_stage_seconds_count", (("stage", "publish"),)] == pipeline.times.n["publish"]
     assert m["bestshot_stage_seconds_count", (("stage", "decode"),)] == pipeline.times.n["decode"] == worker.frames
+    # detect_every=3: frames 0, 3, 6, ... (Frame.index counts every decoded frame, across loops) are detected
+    assert m["bestshot_stage_seconds_count", (("stage", "detect"),)] == pipeline.times.n["detect"] == -(
+        -worker.frames // 3)
     assert ("bestshot_camera_up", (("camera", "clip"),)) not in m  # ended
 
 
