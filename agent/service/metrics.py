@@ -127,13 +127,14 @@ class Liveness:
     reports it, and is unhealthy when no camera at all is up.
     """
 
-    def __init__(self, pipeline: Any, stall_s: float = 20.0):
-        self.pipeline, self.stall_s = pipeline, stall_s
+    def __init__(self, pipeline: Any, stall_s: float = 20.0, clock: Callable[[], float] = time.monotonic):
+        """clock: the time the heartbeat is read against (the pipeline's, time.monotonic)."""
+        self.pipeline, self.stall_s, self.clock = pipeline, stall_s, clock
         self._progress: dict[int, tuple[int, float]] = {}  # id(worker) -> (frames, monotonic time they changed)
         self._lock = threading.Lock()
 
     def problems(self) -> list[str]:
-        now = time.monotonic()
+        now = self.clock()
         out = []
         idle = now - self.pipeline.heartbeat
         if idle > self.stall_s:
@@ -160,7 +161,7 @@ class Liveness:
             src = source_counts(w)
             cameras[cam] = {"up": bool(src["up"]), "ended": False, "frames": w.frames, "reconnects": src["reconnects"],
                             "last_error": src["last_error"] or w.error}
-        now = time.monotonic()
+        now = self.clock()
         with self.pipeline.lock:
             pending = dict(getattr(self.pipeline, "pending", {}))
         for cam, (when, _, error) in pending.items():

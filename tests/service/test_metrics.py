@@ -107,11 +107,23 @@ def graph():
     return pipeline, FakePublisher(published=12, dropped=1)
 
 
+@dataclass
+class Clock:
+    """The time Liveness reads: moved by the test, so stalls are exact and no test waits on the wall clock."""
+
+    t: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 @pytest.fixture
 def server(graph):
     pipeline, publisher = graph
     metrics = Metrics().bind(pipeline, publisher)
-    liveness = Liveness(pipeline, stall_s=0.3)
+    clock = Clock()
+    pipeline.heartbeat = clock()
+    liveness = Liveness(pipeline, stall_s=20, clock=clock)
     srv = serve("127.0.0.1:0", metrics.registry, liveness.health)
     yield srv.server_address[1], pipeline, publisher, liveness
     srv.shutdown()
@@ -164,7 +176,7 @@ def test_counters_are_read_at_scrape_time(server):
 
 
 def test_healthz(server):
-    port, pipeline, _, _ = server
+    port, pipeline, _, liveness = server
     code, body = healthz(port)
     assert code == 200 and body["status"] == "ok" and body["reasons"] == []
     assert body["cameras"]["door"] == {"up": True, "ended": False, "frames": 83, "reconnects": 2, "last_error": None}
@@ -176,7 +188,7 @@ def test_healthz(server):
     assert code == 503 and body["status"] == "unhealthy"
     assert any(r.startswith("scoring loop stalled for 60 s") for r in body["reasons"])
 
-    pipeline.heartbeat = time.monotonic()
+    pipeline.heartbeat = liveness.clock()
     for w in pipeline.workers.values():  # every camera down (reconnecting): not stuck, but not healthy either
         w.alive = isinstance(w.source, FakeSource)
         if isinstance(w.source, FakeSource):
@@ -189,15 +201,19 @@ def test_stuck_camera_worker(server):
     """Frames keep coming from the source but the worker takes none: stuck (the watchdog then stops pinging)."""
     port, pipeline, _, liveness = server
     door = pipeline.workers["door"]
+    clock = liveness.clock
     assert liveness.problems() == []
-    time.sleep(0.4)
-    pipeline.heartbeat = time.monotonic()  # the scoring loop is fine
-    assert liveness.problems() == ["camera door: worker took no frame for 0 s while its source is up"]
+    clock.t += 19  # within stall_s (20 s): not stuck yet
+    pipeline.heartbeat = clock()  # the scoring loop is fine
+    assert liveness.problems() == []
+    clock.t += 2
+    pipeline.heartbeat = clock()
+    assert liveness.problems() == ["camera door: worker took no frame for 21 s while its source is up"]
     door.frames += 1
     assert liveness.problems() == []
     door.source.stats.up = False  # a camera that is down is not stuck: its source reconnects
-    time.sleep(0.4)
-    pipeline.heartbeat = time.monotonic()
+    clock.t += 60
+    pipeline.heartbeat = clock()
     assert liveness.problems() == []
 
 
