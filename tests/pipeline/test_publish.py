@@ -179,7 +179,7 @@ def test_subscribe_times_out_when_nothing_comes() -> None:
     t0 = time.monotonic()
     lines: list[str] = []
     assert subscribe(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.5, write_line=lines.append) == 0
-    assert 0.45 <= time.monotonic() - t0 < 1.5 and lines == []
+    assert 0.45 <= time.monotonic() - t0 < 10 and lines == []  # gave up after its idle limit, did not hang
 
 
 def test_subscribe_skips_corrupt_messages(caplog: pytest.LogCaptureFixture, ipc_endpoint: str) -> None:
@@ -204,7 +204,9 @@ def test_publish_never_blocks_without_consumer(caplog: pytest.LogCaptureFixture)
             t0 = time.monotonic()
             results = [pub.publish(shot) for _ in range(1000)]
             elapsed = time.monotonic() - t0
-    assert elapsed < 1.0 and not any(results)
+    # each send returns at once (a blocking one would hang, one with a send timeout take 1000 x it): a ceiling with
+    # room for a loaded machine, three orders of magnitude above the ~5 ms this takes
+    assert elapsed < 10 and not any(results)
     assert (pub.published, pub.dropped, pub.bytes) == (0, 1000, 0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "1 best shot(s) dropped" in warnings[0].getMessage()  # rate-limited
@@ -226,7 +228,7 @@ def test_publish_never_blocks_with_stalled_consumer() -> None:
             elapsed = time.monotonic() - t0
         finally:
             pull.close(linger=0)
-    assert elapsed < 1.0 and pub.published == 1 + sum(results) and pub.dropped - dropped0 == results.count(False) > 0
+    assert elapsed < 10 and pub.published == 1 + sum(results) and pub.dropped - dropped0 == results.count(False) > 0
 
 
 def test_close_flushes_then_gives_up_after_linger() -> None:
@@ -255,7 +257,7 @@ def test_close_flushes_then_gives_up_after_linger() -> None:
             stalled.publish(big)
         t0 = time.monotonic()
         stalled.close()
-        assert 0.2 < time.monotonic() - t0 < 2.0  # gave up after linger_ms instead of hanging
+        assert 0.2 < time.monotonic() - t0 < 10  # gave up after linger_ms instead of hanging
     finally:
         pull.close(linger=0)
 
@@ -266,7 +268,7 @@ def test_pub_without_subscribers_drops_silently() -> None:
     with Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:*", linger_ms=0)) as pub:
         t0 = time.monotonic()
         assert all(pub.publish(shot) for _ in range(1000))
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 10
     assert (pub.published, pub.dropped) == (1000, 0)  # PUB's losses are invisible to the sender, by design
 
 

@@ -98,7 +98,7 @@ def test_pump_is_bounded_and_never_blocks(tmp_path: Path) -> None:
         for i in range(20):
             pub.publish(make_shot(track_id=i))
         t0 = time.monotonic()
-        assert pub.pump() == 0 and time.monotonic() - t0 < 0.1  # no consumer: returns at once
+        assert pub.pump() == 0 and time.monotonic() - t0 < 5  # no consumer: returns (a blocking send would hang)
         pull = CTX.socket(zmq.PULL)
         pull.connect(pub.endpoint)
         try:
