@@ -13,6 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from skip_guard import (  # noqa: F401 (hooks: under CI only GPU tests may skip)
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 # One prepared-model cache for the whole session (subprocesses inherit it), unless the caller set one.
 os.environ.setdefault("BESTSHOT_CACHE", tempfile.mkdtemp(prefix="bestshot-test-cache-"))

@@ -18,6 +18,6 @@ if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   else
-    echo "tests/setup_system.sh: missing ${need[*]} (not root: tests that need them will skip)" >&2
+    echo "tests/setup_system.sh: missing ${need[*]} (not root: tests that need them will skip, which fails a CI run: tests/skip_guard.py)" >&2
   fi
 fi
