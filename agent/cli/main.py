@@ -1,4 +1,9 @@
-"""The `bestshot` command line."""
+"""The `bestshot` command line.
+
+Exit codes: 0 done (for `run`: the sources ended, or SIGTERM/SIGINT), 1 a failure of the work itself (for `run`:
+every input failed for good, e.g. a missing or unreadable file; a live camera that is down is retried, not a
+failure), 2 a configuration or usage error, 130 interrupted before the agent ran.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
+from agent import __version__
 from agent.common.fr_spec import FACENET
 from engines.prepare import FACENET_RECIPE, GENERIC_RECIPE
 
 log = logging.getLogger("bestshot")
+
+EXIT_INPUTS_FAILED = 1  # `run`: every input failed for good (systemd restarts the service; exit 2 it does not)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -121,15 +129,24 @@ def cmd_bench_score(args) -> int:
 
 
 def load_run_config(args):
-    """The configuration for `run`: the file, or the embedded default, with the flags applied."""
-    from agent.service.config import ConfigError, default_config, load_config, parse_config
+    """The configuration for `run`: the file, or the embedded default, with the flags applied (and checked like the
+    file). Without a file the camera is named by --camera, else after --source (derive_camera_id), else `demo`; a
+    file's camera keeps its id unless --camera renames it."""
+    from agent.service.config import ConfigError, default_config, derive_camera_id, load_config, parse_config
 
     if args.config:
         cfg = load_config(args.config)
-        if args.source:
+        if not (args.source or args.camera or args.publish):
+            return cfg
+        data = cfg.model_dump(mode="json")
+        if args.source or args.camera:
             if len(cfg.cameras) != 1:
-                raise ConfigError(args.config, ["--source needs a configuration with exactly one camera"])
-            cfg.cameras[0].url, cfg.cameras[0].upstream = args.source, None
+                raise ConfigError(str(args.config), ["--source and --camera need a configuration with exactly one "
+                                                     "camera"])
+            cam = data["cameras"][0]
+            if args.source:
+                cam |= {"url": args.source, "upstream": None}
+            cam["id"] = args.camera or cam["id"]
     else:
         source = args.source
         if source is None:
@@ -137,11 +154,10 @@ def load_run_config(args):
 
             source = str(demo_clip_path())
             log.info("no configuration: running the embedded demo clip %s", source)
-        cfg = parse_config(default_config(source), "defaults")
+        data = default_config(source, args.camera or (derive_camera_id(source) if args.source else "demo"))
     if args.publish:
-        cfg.publisher.endpoint = args.publish
-        cfg = parse_config(cfg.model_dump(mode="json"), "flags")
-    return cfg
+        data.setdefault("publisher", {})["endpoint"] = args.publish
+    return parse_config(data, "flags")
 
 
 def cmd_run(args) -> int:
@@ -154,7 +170,11 @@ def cmd_run(args) -> int:
         for err in e.errors:
             log.error("%s: %s", e.source, err)
         return 2
-    run_agent(cfg, args.trace, args.config)
+    summary = run_agent(cfg, args.trace, args.config)
+    if summary.every_input_failed:
+        log.error("every input failed for good (%s): exit %d", "; ".join(f"camera {c}: {why}" for c, why in
+                                                                         summary.failed.items()), EXIT_INPUTS_FAILED)
+        return EXIT_INPUTS_FAILED
     return 0
 
 
@@ -283,6 +303,7 @@ def cmd_curate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bestshot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score the faces in still images (files or folders)")
@@ -297,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent (no arguments: the embedded demo clip)")
     p.add_argument("--config", type=Path, help="YAML configuration (see configs/)")
-    p.add_argument("--source", help="video file or rtsp:// / http:// URL (overrides the configured camera)")
+    p.add_argument("--source", help="video file or rtsp:// / http:// URL (overrides the configured camera's)")
+    p.add_argument("--camera", help="camera id in logs, topics and messages (default: the configured one, else "
+                                    "derived from --source: the file's stem, or the URL's host and path)")
     p.add_argument("--publish", help="ZeroMQ endpoint to publish on, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--trace", type=Path, help="write every scored candidate and shot to this JSONL file")
     p.set_defaults(func=cmd_run)

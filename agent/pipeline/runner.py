@@ -135,6 +135,15 @@ class CameraWorker(threading.Thread):
         self.stopping.set()
         self.source.stop()
 
+    @property
+    def failure(self) -> str | None:
+        """Why this input ended for good: its source gave up (a missing or unreadable file), or the worker failed and
+        is not restarted (not a live input). None while it runs, when it ended normally or was stopped."""
+        if self.error and not _is_live(self.cam):
+            return self.error
+        stats = getattr(self.source, "stats", None)  # a VideoSource's; an upstream input never gives up
+        return stats.last_error if stats is not None and stats.gave_up else None
+
     def _gate(self, camera: str) -> Gate:
         g = self.gates.get(camera)
         if g is None:
@@ -255,6 +264,7 @@ class Pipeline:
         self.workers: dict[str, CameraWorker] = {}
         self.finished: list[CameraWorker] = []  # workers whose stream ended (for their counters)
         self.retiring: list[CameraWorker] = []  # replaced workers still flushing (configuration reload)
+        self.ended: dict[str, str | None] = {}  # camera -> why its input ended for good, None when it ended normally
         self.track_ids: dict[str, Iterator[int]] = {}  # per camera, shared by its successive trackers
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -407,6 +417,8 @@ class Pipeline:
                     elif worker in self.retiring:
                         self.retiring.remove(worker)
                     self.finished.append(worker)
+                    if current:  # a replaced worker's end says nothing of the camera
+                        self.ended[item.camera] = worker.failure
                 if current and worker.error and _is_live(worker.cam) and not self.stopping.is_set():
                     self._schedule_restart(worker)
                 worker.detector = None  # only its counters are needed from now on

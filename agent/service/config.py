@@ -5,7 +5,7 @@
     scoring:     batch size, per-second scoring budget
     defaults:    source / detector / tracker / selection settings shared by every camera
     cameras:     [{id, url | upstream, and any per-camera override of a `defaults` section}]
-    publisher:   endpoint, mode, high-water mark, CURVE keys, spool
+    publisher:   endpoint, mode, high-water mark, CURVE keys, spool; off loopback, CURVE or allow_plaintext
     metrics:     Prometheus listen address
     logging:     level
 
@@ -20,12 +20,14 @@ import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.common.fr_spec import FRSpec
 from agent.pipeline.detect import DetectorSpec
+from agent.pipeline.outputs.exposure import in_clear
 from agent.pipeline.outputs.zeromq import PublisherConfig
 from agent.pipeline.runner import CameraConfig
 from agent.pipeline.select import SelectionConfig
@@ -88,8 +90,11 @@ class Defaults(Model):
     context_margin: float = Field(0.5, ge=0)
 
 
+CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]+$")  # safe in ZeroMQ topics (bestshot.<camera>), file names and labels
+
+
 class Camera(Defaults):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str = Field(min_length=1, pattern=CAMERA_ID.pattern)
     url: str | None = None
     upstream: UpstreamOptions | None = None
 
@@ -119,6 +124,8 @@ class Publisher(Model):
     linger_ms: int = Field(1000, ge=0)
     curve: Curve | None = None
     spool: Spool | None = None
+    allow_plaintext: bool = Field(False, description="publish without CURVE on an address other than loopback: "
+                                  "faces in clear on the network (refused unless true; a warning at every start)")
 
     @field_validator("endpoint")
     @classmethod
@@ -131,6 +138,21 @@ class Publisher(Model):
     def _spool_needs_push(self) -> Publisher:
         if self.spool is not None and self.mode != "push":
             raise ValueError("a spool needs mode: push (PUB drops for slow subscribers without telling the sender)")
+        return self
+
+    def plaintext_exposure(self) -> str | None:
+        """What is wrong when best shots would leave this machine unencrypted (agent/pipeline/outputs/exposure.py),
+        else None."""
+        if not in_clear(self.endpoint, encrypted=self.curve is not None):
+            return None
+        return (f"publisher.endpoint {self.endpoint} can be reached from other machines and publisher.curve is not "
+                "set: best shots (faces, biometric data) would cross the network unencrypted")
+
+    @model_validator(mode="after")
+    def _no_faces_in_clear(self) -> Publisher:
+        if not self.allow_plaintext and (problem := self.plaintext_exposure()):
+            raise ValueError(f"{problem}; set publisher.curve (keys: bestshot keys generate), bind to 127.0.0.1, "
+                             "or accept it with publisher.allow_plaintext: true")
         return self
 
 
@@ -159,6 +181,12 @@ class Config(Model):
     publisher: Publisher = Field(default_factory=Publisher)
     metrics: Metrics = Field(default_factory=Metrics)
     logging: Logging = Field(default_factory=Logging)
+
+    def warnings(self) -> list[str]:
+        """What this valid configuration accepts explicitly but should not need: logged at every start and printed by
+        check-config (each output that sends faces in clear because its allow_plaintext says so)."""
+        problem = self.publisher.plaintext_exposure()  # only valid with allow_plaintext
+        return [f"{problem} (accepted by publisher.allow_plaintext: true)"] if problem else []
 
     def camera_configs(self) -> list[CameraConfig]:
         return [to_camera(c) for c in self.cameras]
@@ -303,13 +331,15 @@ def load_config(path: str | Path) -> Config:
 
 
 def check_config(path: str | Path, out: TextIO) -> int:
-    """`bestshot check-config`: every problem as `path: location: message`, one per line; 0 when valid, else 2."""
+    """`bestshot check-config`: every problem as `path: location: message`, one per line; 0 when valid (then any
+    warning as `path: warning: message`), else 2."""
     try:
         cfg = load_config(path)
     except ConfigError as e:
         out.writelines(f"{e.source}: {err}\n" for err in e.errors)
         return 2
     out.write(f"{path}: ok, {len(cfg.cameras)} camera(s): {', '.join(c.id for c in cfg.cameras)}\n")
+    out.writelines(f"{path}: warning: {w}\n" for w in cfg.warnings())
     return 0
 
 
@@ -322,7 +352,19 @@ def schema_json() -> str:
     return json.dumps(config_schema(), indent=2) + "\n"
 
 
-def default_config(source: str) -> dict:
-    """The configuration `bestshot run` uses with no file: one camera reading `source`."""
-    return {"cameras": [{"id": "demo", "url": source}]}
+def default_config(source: str, camera: str) -> dict:
+    """The configuration `bestshot run` uses with no file: one camera `camera` reading `source`."""
+    return {"cameras": [{"id": camera, "url": source}]}
+
+
+def derive_camera_id(source: str, limit: int = 64) -> str:
+    """A camera id for `source`: a file's stem, or a URL's host and path (no credentials, port or query), with every
+    run of other characters than CAMERA_ID's replaced by `_`, at most `limit` characters; `camera` if nothing is
+    left."""
+    name = Path(source).stem
+    if "://" in source:
+        parts = urlsplit(source)
+        name = f"{parts.hostname or ''}{parts.path}" if parts.netloc else Path(parts.path).stem  # file:///...
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")[:limit].rstrip("_.-")
+    return name or "camera"
 

@@ -2,7 +2,8 @@
 
 Counters are read from the pipeline, its camera workers and sources and the publisher at scrape time (one
 bookkeeping, in the stages); per-stage latencies are observed through `StageTimes.observers` into histograms.
-Everything lives on the Metrics' own CollectorRegistry (with the process collector: memory, CPU, open files).
+Everything lives on the Metrics' own CollectorRegistry (with the process collector: memory, CPU, open files), with
+`bestshot_build_info{version, model_id} 1`: which build and which scoring model produced the shots.
 
 `Liveness` decides whether the agent is alive, for the systemd watchdog and /healthz: the scoring loop turned
 recently and no camera worker is stuck (its source delivers frames that the worker does not take).
@@ -19,8 +20,10 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from agent import __version__
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class Metrics:
                                        ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        self.build = Info("bestshot_build", "The agent's version and the scoring model's id", registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(self)
 
@@ -66,6 +70,7 @@ class Metrics:
         if pipeline is not self.pipeline:
             pipeline.times.observers.append(self.observe)
         self.pipeline, self.publisher = pipeline, publisher
+        self.build.info({"version": __version__, "model_id": pipeline.scorer.model_id})
         return self
 
     def observe(self, stage: str, seconds: float) -> None:

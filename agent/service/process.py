@@ -1,7 +1,8 @@
 """The agent as a process: configuration -> models -> pipeline -> publisher, with signals.
 
 SIGTERM/SIGINT stop the sources, flush every open track's best shot, close the sockets with a bounded
-linger and return 0.
+linger and return the run's summary; `bestshot run` exits 0 then, or 1 when every input failed for good
+(RunSummary.every_input_failed).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import signal
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import __version__
 from agent.common.cache import use_cache_root
 from agent.common.keys import KeyFileError
 from agent.pipeline.outputs.zeromq import Publisher
@@ -40,6 +42,14 @@ class RunSummary:
     dropped: int
     seconds: float
     end_latency_ms_median: float | None
+    inputs: int = 0  # cameras and upstream inputs that ran (once each, however often restarted)
+    failed: dict[str, str] = field(default_factory=dict)  # camera -> why its input ended for good
+
+    @property
+    def every_input_failed(self) -> bool:
+        """Nothing ran: each input failed for good (a missing or unreadable file, not a camera that is down: it is
+        retried until stopped)."""
+        return self.inputs > 0 and len(self.failed) == self.inputs
 
 
 class Agent:
@@ -51,6 +61,9 @@ class Agent:
         use_cache_root(m.cache_dir)  # the detectors and the demo clip follow the FR model there
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
                                                   m.cache_dir, cfg.backend, cfg.engines)
+        log.info("bestshot %s starting: model %s, %d camera(s)", __version__, self.scorer.model_id, len(cfg.cameras))
+        for warning in cfg.warnings():
+            log.warning("%s", warning)
         # ERS of the best shot, the track template and DiffProb's diverse shots
         ers = with_selection(self.scorer, self.prepared, cfg.defaults.detector, cfg.scoring.selection)
         enrich = enrich_factory(ers, cfg.scoring.shots, cfg.scoring.template_weights)
@@ -122,12 +135,14 @@ class Agent:
             self.publisher.close()
         workers = [*self.pipeline.finished, *self.pipeline.workers.values()]
         lat = self.pipeline.end_latency_s
+        ended = self.pipeline.ended
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
             scored=self.pipeline.scored, deferred=sum(g.deferred for w in workers for g in w.gates.values()),
             published=self.publisher.published, dropped=self.publisher.dropped,
             seconds=time.monotonic() - t0,
             end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
+            inputs=len(ended), failed={cam: why for cam, why in ended.items() if why is not None},
         )
 
 
@@ -167,6 +182,7 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
             server.shutdown()
             server.server_close()
     log.info("done: %d frames, %d faces detected, %d scored (%d deferred by the budget), %d shots published "
-             "(%d dropped) in %.1f s", summary.frames, summary.detections, summary.scored, summary.deferred,
-             summary.published, summary.dropped, summary.seconds)
+             "(%d dropped) in %.1f s; %d of %d input(s) failed", summary.frames, summary.detections, summary.scored,
+             summary.deferred, summary.published, summary.dropped, summary.seconds, len(summary.failed),
+             summary.inputs)
     return summary

@@ -78,7 +78,7 @@ def test_file_delivers_every_frame_in_order(clip: Path) -> None:
     assert frames[100].image.std() > 10 and frames[100].wall_time > 0
     stats = src.stats
     assert (stats.decoded, stats.dropped_queue, stats.dropped_fps, stats.errors) == (275, 0, 0, 0)
-    assert stats.last_error is None and not stats.up and src.stop()
+    assert stats.last_error is None and not stats.up and not stats.gave_up and src.stop()  # ended normally
 
 
 def test_slow_consumer_drops_oldest(clip: Path) -> None:
@@ -121,7 +121,7 @@ def test_truncated_file_delivers_frames_before_the_cut(faststart: Path, tmp_path
         frames = list(src.frames())
     assert 50 < len(frames) < 275 and [f.index for f in frames] == list(range(len(frames)))
     stats = src.stats
-    assert not stats.up and stats.errors == 1 and "truncated" in stats.last_error
+    assert not stats.up and stats.errors == 1 and "truncated" in stats.last_error and stats.gave_up
     assert f"camera cam1: {cut}" in caplog.text
 
 
@@ -137,6 +137,7 @@ def test_unreadable_file_ends_cleanly(kind: str, clip: Path, tmp_path: Path, cap
         assert list(src.frames()) == []
     stats = src.stats
     assert not stats.up and stats.errors == 1 and stats.last_error and stats.decoded == 0
+    assert stats.gave_up  # failed for good: `bestshot run` exits 1 when every input did
     assert re.search(rf"camera cam2: {re.escape(str(path))}: .+; giving up", caplog.text)
 
 
@@ -156,6 +157,7 @@ def test_refused_rtsp_reconnects_with_backoff_and_stops(caplog) -> None:
     stats = src.stats
     assert not consumer.is_alive() and delivered == []
     assert stats.reconnects >= 2 and stats.errors >= 3 and not stats.up and "refused" in stats.last_error.lower()
+    assert not stats.gave_up  # a camera that is down is retried until stopped: not a failure for good
     assert "camera cam3: rtsp://admin:***@127.0.0.1" in caplog.text and "refused; retry in 0.1 s" in caplog.text
     assert "retry in 0.2 s" in caplog.text
     assert "s3cret" not in caplog.text

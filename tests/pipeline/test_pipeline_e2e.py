@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -113,7 +114,11 @@ def test_file_source_end_to_end(shared_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     msgs = rx.wait(tmp_path / "trace.jsonl")
     check_messages(msgs, tmp_path / "trace.jsonl")
-    assert "ended after 275 frames" in r.stderr
+    assert "camera short_hamilton_clip: ended after 275 frames" in r.stderr
+    # named after the file, not `demo`; the build and the model that produced each shot are in its metadata
+    assert {m["camera"] for m in msgs} == {"short_hamilton_clip"}
+    assert {m["agent_version"] for m in msgs} == {version("bestshot-agent")}
+    assert all(m["model_id"].startswith("facenet:") for m in msgs)
     # 1 to 7 faces per frame over three shots: a handful of tracks, not hundreds
     assert 3 <= len(msgs) <= 40
 

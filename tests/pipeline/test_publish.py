@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ import pytest
 import zmq
 
 from agent.cli.subscribe import subscribe
+from agent.pipeline.outputs.exposure import in_clear, is_local
 from agent.pipeline.outputs.zeromq import SCHEMA_VERSION, BindError, Publisher, PublisherConfig, decode, encode
 from agent.types import BestShot
 
@@ -68,6 +70,7 @@ def test_round_trip() -> None:
     assert m["landmarks"] == [[30, 50], [70, 50], [50, 75], [35, 95], [65, 95]]
     assert (m["quality"], m["drift"], m["det_score"]) == (0.81, 0.38, 0.93)
     assert (m["frames_seen"], m["frames_scored"], m["model_id"]) == (60, 12, "facenet-2:4")
+    assert m["agent_version"] == version("bestshot-agent")  # the installed build that sent it
     assert m["embedding_dim"] == 512 and m["embedding_dtype"] == "float32-le"
     assert m["face_size"] == [112, 112] and m["context_size"] == [150, 180]
     assert m["extra"] == {"topk": [0.81, 0.79], "ers": 0.5, "note": "x"}
@@ -77,6 +80,24 @@ def test_round_trip() -> None:
     assert np.abs(face.astype(int) - shot.crop).mean() < 8  # lossy but close
     assert parts[4] == shot.embedding.astype("<f4").tobytes()
     assert msg.embedding.dtype == np.float32 and np.array_equal(msg.embedding, shot.embedding)
+
+
+LOCAL = ["tcp://127.0.0.1:5556", "tcp://127.0.0.1:*", "tcp://127.8.9.10:5556", "tcp://localhost:5556",
+         "tcp://LocalHost:5556", "tcp://[::1]:5556", "tcp://[::ffff:127.0.0.1]:5556", "ipc:///run/bestshot/shots.sock",
+         "inproc://shots", "nats://user:pw@127.0.0.1:4222"]
+REACHABLE = ["tcp://0.0.0.0:5556", "tcp://*:5556", "tcp://[::]:5556", "tcp://192.168.1.20:5556", "tcp://10.0.0.5:*",
+             "tcp://[fe80::1]:5556", "tcp://[::ffff:10.0.0.1]:5556", "tcp://edge-box.lan:5556", "tcp://eth0:5556",
+             "tcp://:5556", "nats://user:pw@broker:4222"]
+
+
+@pytest.mark.parametrize("address", LOCAL + REACHABLE)
+def test_which_addresses_keep_faces_on_the_machine(address: str) -> None:
+    """Loopback, localhost, ipc:// and inproc:// stay here; every interface, a LAN address, a host or interface name
+    (never resolved) can be reached from elsewhere: there, only encryption keeps the faces out of clear text."""
+    local = address in LOCAL
+    assert is_local(address) is local
+    assert in_clear(address, encrypted=False) is not local
+    assert not in_clear(address, encrypted=True)
 
 
 def test_without_embedding_or_landmarks() -> None:

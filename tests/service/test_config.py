@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.service.config import check_config, config_schema, load_config, parse_config, schema_json
+from agent.service.config import ConfigError, check_config, config_schema, load_config, parse_config, schema_json
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CAM = "cameras:\n  - {id: a, url: a.mp4}\n"
@@ -27,7 +27,11 @@ def camera_secrets(monkeypatch):
 def test_example_configs_validate(name):
     out = io.StringIO()
     assert check_config(CONFIGS / name, out) == 0, out.getvalue()
-    assert out.getvalue().startswith(f"{CONFIGS / name}: ok")
+    assert out.getvalue().startswith(f"{CONFIGS / name}: ok") and "warning" not in out.getvalue()
+    publisher = load_config(CONFIGS / name).publisher
+    # an example that binds to all interfaces encrypts: none sends faces in clear, none opts in to it
+    assert not publisher.allow_plaintext and publisher.plaintext_exposure() is None
+    assert publisher.curve is not None or publisher.endpoint.startswith("tcp://127.0.0.1:")
 
 
 def test_example_configs_cover_what_they_promise():
@@ -44,6 +48,7 @@ def test_example_configs_cover_what_they_promise():
     assert all("operator:s3cret@" in c.url for c in server.cameras if c.url)
     jetson = load_config(CONFIGS / "jetson-orin.yaml")
     assert jetson.backend == "tensorrt" and jetson.scoring.budget
+    assert jetson.publisher.endpoint == "tcp://0.0.0.0:5556" and jetson.publisher.curve
     demo = load_config(CONFIGS / "demo.yaml")
     assert demo.cameras[0].url == "rtsp://127.0.0.1:8554/demo" and demo.metrics.listen.startswith("127.0.0.1:")
 
@@ -108,6 +113,13 @@ MALFORMED = {  # name: (file text, expected location, a keyword of the message)
     "bad log level": (CAM + "logging: {level: LOUD}\n", "logging.level", "'DEBUG'"),
     "jpeg quality out of range": (CAM + "publisher: {jpeg_quality: 150}\n", "publisher.jpeg_quality",
                                   "less than or equal to 100"),
+    **{f"faces in clear on {where}": (CAM + f"publisher: {{endpoint: '{endpoint}'}}\n", "publisher",
+                                      "publisher.allow_plaintext: true")
+       for where, endpoint in [("all interfaces", "tcp://0.0.0.0:5556"), ("any interface", "tcp://*:5556"),
+                               ("a LAN address", "tcp://192.168.1.20:5556"), ("a host name", "tcp://edge-box:5556"),
+                               ("an interface name", "tcp://eth0:5556")]},
+    "faces in clear with allow_plaintext false": (CAM + "publisher: {endpoint: 'tcp://0.0.0.0:5556', "
+                                                  "allow_plaintext: false}\n", "publisher", "publisher.curve"),
 }
 
 
@@ -124,6 +136,46 @@ def test_malformed_config_is_a_clear_error(name, tmp_path):
     hits = [line for line in lines if line.startswith(f"{path}: {location}: ")]
     assert hits, f"no error at {location!r}: {lines}"
     assert any(keyword in line for line in hits), f"{keyword!r} not in {hits}"
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5556", "tcp://*:5556", "tcp://10.0.0.5:5556", "tcp://eth0:5556"])
+def test_faces_in_clear_are_refused_naming_the_setting(endpoint):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"cameras": [{"id": "a", "url": "a.mp4"}], "publisher": {"endpoint": endpoint}})
+    assert e.value.errors == [
+        f"publisher: publisher.endpoint {endpoint} can be reached from other machines and publisher.curve is not set: "
+        "best shots (faces, biometric data) would cross the network unencrypted; set publisher.curve (keys: bestshot "
+        "keys generate), bind to 127.0.0.1, or accept it with publisher.allow_plaintext: true"]
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5556", "tcp://localhost:5556", "ipc:///run/bestshot/s.sock"])
+def test_local_endpoints_need_no_encryption(endpoint, tmp_path):
+    path = tmp_path / "bestshot.yaml"
+    path.write_text(CAM + f"publisher: {{endpoint: '{endpoint}'}}\n")
+    out = io.StringIO()
+    assert check_config(path, out) == 0
+    assert out.getvalue() == f"{path}: ok, 1 camera(s): a\n"  # no warning either
+    assert load_config(path).warnings() == []
+
+
+def test_curve_off_loopback_is_accepted_without_warning(tmp_path):
+    path = tmp_path / "bestshot.yaml"
+    path.write_text(CAM + "publisher: {endpoint: 'tcp://0.0.0.0:5556', curve: {server_secret_key: /k/s.key_secret, "
+                    "authorized_keys_dir: /k/clients}}\n")
+    out = io.StringIO()
+    assert check_config(path, out) == 0 and "warning" not in out.getvalue()
+
+
+def test_allow_plaintext_is_the_explicit_opt_in_and_stays_a_warning(tmp_path):
+    path = tmp_path / "bestshot.yaml"
+    path.write_text(CAM + "publisher: {endpoint: 'tcp://0.0.0.0:5556', allow_plaintext: true}\n")
+    out = io.StringIO()
+    assert check_config(path, out) == 0
+    warning = ("publisher.endpoint tcp://0.0.0.0:5556 can be reached from other machines and publisher.curve is not "
+               "set: best shots (faces, biometric data) would cross the network unencrypted (accepted by "
+               "publisher.allow_plaintext: true)")
+    assert out.getvalue().splitlines() == [f"{path}: ok, 1 camera(s): a", f"{path}: warning: {warning}"]
+    assert load_config(path).warnings() == [warning]  # what the agent logs at every start (tests/service/test_cli.py)
 
 
 def test_every_error_is_reported_not_just_the_first(tmp_path):

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +49,11 @@ class FakeWorker:
 
 
 @dataclass
+class FakeScorer:
+    model_id: str = "facenet:e12520326353:2:4/Bottleneck"
+
+
+@dataclass
 class FakePipeline:
     workers: dict[str, FakeWorker]
     finished: list[FakeWorker] = field(default_factory=list)
@@ -57,6 +63,7 @@ class FakePipeline:
     heartbeat: float = field(default_factory=time.monotonic)
     queue: queue.Queue = field(default_factory=queue.Queue)
     times: StageTimes = field(default_factory=StageTimes)
+    scorer: FakeScorer = field(default_factory=FakeScorer)
 
 
 @dataclass
@@ -160,6 +167,9 @@ def test_metrics_reflect_the_stages_counters(server):
     assert m["bestshot_stage_seconds_sum", (("stage", "score"),)] == pytest.approx(0.3)
     assert m["bestshot_stage_seconds_count", (("stage", "publish"),)] == 0  # every stage is there from the start
     assert m["process_resident_memory_bytes", ()] > 0
+    # which build and which scoring model produced the shots (the installed version, not a constant in the code)
+    build = [labels for (name, labels), v in m.items() if name == "bestshot_build_info" and v == 1]
+    assert build == [(("model_id", "facenet:e12520326353:2:4/Bottleneck"), ("version", version("bestshot-agent")))]
 
 
 def test_counters_are_read_at_scrape_time(server):
@@ -272,6 +282,7 @@ def test_real_pipeline(shared_dir):
     assert m["bestshot_tracks_closed_total", (("camera", "clip"),)] == gate_.closed == gate_.opened  # all flushed
     assert m["bestshot_candidates_scored_total", ()] == pipeline.scored > 0
     assert m["bestshot_shots_published_total", ()] == publisher.published == pipeline.published > 0
+    assert m["bestshot_build_info", (("model_id", scorer.model_id), ("version", version("bestshot-agent")))] == 1
     assert m["bestshot_stage_seconds_count", (("stage", "publish"),)] == pipeline.times.n["publish"]
     assert m["bestshot_stage_seconds_count", (("stage", "decode"),)] == pipeline.times.n["decode"] == worker.frames
     # detect_every=3: frames 0, 3, 6, ... (Frame.index counts every decoded frame, across loops) are detected

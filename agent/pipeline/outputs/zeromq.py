@@ -2,7 +2,8 @@
 
 One multipart message per shot:
   0. topic ``bestshot.<camera>`` (utf-8; SUB sockets filter on its prefix)
-  1. JSON metadata (utf-8) with ``"schema": SCHEMA_VERSION``
+  1. JSON metadata (utf-8) with ``"schema": SCHEMA_VERSION``, the ``model_id`` that scored it and the
+     ``agent_version`` that sent it
   2. aligned face crop, JPEG
   3. context crop, JPEG
   4. dense embedding, float32 little-endian; present only when the metadata has ``embedding_dim``
@@ -26,6 +27,7 @@ import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from agent import __version__
 from agent.common.keys import AllowList, check_secret_file, load_authorized_keys
 from agent.pipeline.outputs.spool import Spool
 from agent.types import BestShot
@@ -91,6 +93,7 @@ def encode(shot: BestShot, include_embedding: bool, jpeg_quality: int = 90) -> l
         "frames_seen": int(shot.frames_seen),
         "frames_scored": int(shot.frames_scored),
         "model_id": shot.model_id,
+        "agent_version": __version__,  # which build produced the shot (with model_id: which model scored it)
         "face_size": _size(shot.crop),
         "context_size": _size(shot.context),
         "extra": shot.extra,

@@ -93,6 +93,7 @@ class SourceStats:
     up: bool = False  # frames are coming in
     last_error: str | None = None
     last_frame_wall: float = 0.0  # time.time() of the last decoded frame
+    gave_up: bool = False  # ended for good on last_error (a missing or unreadable file; live sources retry)
 
 
 class VideoSource:
@@ -178,6 +179,8 @@ class VideoSource:
                     continue
                 if not self.reconnect:
                     if error:
+                        with self._cond:
+                            self._stats.gave_up = True
                         log.error("%s: %s; giving up", where, error)
                     else:
                         log.info("%s: ended after %d frames", where, self.stats.decoded)
