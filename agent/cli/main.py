@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", e)
         return 2
+    except OSError as e:  # an address in use, a device gone: said in one line (systemd restarts on 1)
+        log.error("%s", e)
+        return 1
     except KeyboardInterrupt:
         return 130
 

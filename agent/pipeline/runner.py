@@ -268,7 +268,6 @@ class Pipeline:
         self.track_ids: dict[str, Iterator[int]] = {}  # per camera, shared by its successive trackers
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.heartbeat = time.monotonic()  # last turn of the scoring loop (watchdog)
         self.published = 0
         self.scored = 0
         self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.service.metrics.Liveness)

@@ -170,8 +170,10 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
     server = None
     if cfg.metrics.listen:
         registry = Metrics().bind(agent.pipeline, agent.publisher).registry
-        server = serve(cfg.metrics.listen, registry, liveness.health)
-        log.info("metrics on http://%s/metrics, health on /healthz", cfg.metrics.listen)
+        try:
+            server = serve(cfg.metrics.listen, registry, liveness.health)
+        except OSError as e:
+            raise OSError(f"metrics.listen {cfg.metrics.listen}: cannot listen: {e.strerror or e}") from e
     watchdog = Watchdog(liveness.problems).start()  # pings only under systemd, only while the loops live
     notify.ready(f"{len(cfg.cameras)} camera(s), publishing on {agent.publisher.endpoint}")
     try:

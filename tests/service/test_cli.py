@@ -197,3 +197,24 @@ def test_allow_plaintext_runs_and_warns_at_start(tiny_clip: Path, tmp_path: Path
     assert (f"WARNING agent.service.process: publisher.endpoint {endpoint} can be reached from other machines and "
             "publisher.curve is not set: best shots (faces, biometric data) would cross the network unencrypted "
             "(accepted by publisher.allow_plaintext: true)") in r.stderr
+
+
+@pytest.mark.parametrize("taken", ["publisher", "metrics"])
+def test_an_address_in_use_is_one_clear_line_and_exit_1(tiny_clip: Path, tmp_path: Path, taken: str) -> None:
+    """Another process holds the publisher's endpoint or the metrics port: one error line naming it, no traceback,
+    exit 1 (systemd restarts; the address may come free)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = yaml.safe_load(write_config(tmp_path / "bestshot.yaml", {"tiny": str(tiny_clip)}).read_text())
+        if taken == "publisher":
+            cfg["publisher"]["endpoint"] = f"tcp://127.0.0.1:{port}"
+        else:
+            cfg["metrics"]["listen"] = f"127.0.0.1:{port}"
+        (tmp_path / "bestshot.yaml").write_text(yaml.safe_dump(cfg))
+        r = run_cli("run", "--config", str(tmp_path / "bestshot.yaml"))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    named = f"cannot bind tcp://127.0.0.1:{port}" if taken == "publisher" else f"metrics.listen 127.0.0.1:{port}"
+    assert re.search(rf"ERROR bestshot: .*{re.escape(named)}.*in use", r.stderr), r.stderr[-3000:]
