@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,7 @@ class TrackEnd:
     last_seen: float
     frames_seen: int
     update_only: bool = False
+    gated: dict[str, int] = field(default_factory=dict, compare=False)  # the track's faces not scored, by reason
 
 
 @dataclass
@@ -113,10 +115,15 @@ class _GateTrack:
     sent_cheap: float = -1.0  # best cheap signal sent for scoring so far (-1: none)
     sent_pts: float = float("-inf")
     pending: Candidate | None = None
+    gated: Counter = field(default_factory=Counter)  # reason -> faces not scored (Gate)
 
 
 class Gate:
-    """Per-camera gates and budget. `crop_fn(frame, det) -> (aligned, context)` does the alignment."""
+    """Per-camera gates and budget. `crop_fn(frame, det) -> (aligned, context)` does the alignment.
+
+    Per track it counts the faces it did not score, by reason: `face_size`, `det_score`, `sharpness` (the gates)
+    and `budget` (deferred, never scored); the track's end carries them (TrackEnd.gated, published as
+    extra.gated)."""
 
     def __init__(self, camera: str, config: SelectionConfig, budget: TokenBucket):
         self.camera, self.config, self.budget = camera, config, budget
@@ -135,13 +142,14 @@ class Gate:
         t.frames_seen += 1
         t.last_seen = pts
         cfg = self.config
-        if det.size < cfg.min_face or det.score < cfg.min_det_score:
+        reason = "face_size" if det.size < cfg.min_face else "det_score" if det.score < cfg.min_det_score else None
+        if reason is None:
+            crop, context = crop_fn(det)
+            sharp = sharpness(crop)
+            reason = "sharpness" if sharp < cfg.min_sharpness else None
+        if reason is not None:
             self.gated += 1
-            return None
-        crop, context = crop_fn(det)
-        sharp = sharpness(crop)
-        if sharp < cfg.min_sharpness:
-            self.gated += 1
+            t.gated[reason] += 1
             return None
         cheap = cheap_signal(det, sharp)
         cand = Candidate(self.camera, track_id, frame_index, pts, det, crop, context, sharp, cheap, t.first_seen,
@@ -156,6 +164,7 @@ class Gate:
                 t.pending = None
             return cand
         self.deferred += 1
+        t.gated["budget"] += 1
         if t.pending is None or cheap > t.pending.cheap:
             t.pending = cand
         return None
@@ -167,7 +176,10 @@ class Gate:
             return None, None
         self.closed += 1
         pending = t.pending if t.pending is not None and t.pending.cheap > t.sent_cheap else None
-        return pending, TrackEnd(self.camera, track_id, t.first_seen, t.last_seen, t.frames_seen)
+        if pending is not None:
+            t.gated["budget"] -= 1  # scored after all
+        return pending, TrackEnd(self.camera, track_id, t.first_seen, t.last_seen, t.frames_seen,
+                                 gated={k: n for k, n in t.gated.items() if n})
 
 
 
@@ -232,6 +244,8 @@ class Selector:
         status = "update" if end.update_only else (
             "best" if b.scored.quality >= self.config.min_quality else "unrecognisable")
         extra: dict = {"cues": {k: round(v, 5) for k, v in b.scored.cues.items()}} if b.scored.cues else {}
+        if not end.update_only:
+            extra["gated"] = dict(end.gated)
         if self.config.top_k > 1:
             extra["top_k"] = [{"frame_index": c.frame_index, "pts": round(c.pts, 4), "quality": c.scored.quality}
                               for c in st.top]

@@ -121,6 +121,16 @@ def test_selector_enrich_gets_best_and_kept() -> None:
     assert len(seen) == 1 and seen[0][0] is cs[1] and seen[0][1] == [cs[1], cs[2]]
 
 
+def test_selector_publishes_the_tracks_gated_counts() -> None:
+    sel = Selector(SelectionConfig(update_every_s=1.0), "m")
+    sel.add(cand(0.7))
+    update = sel.add(cand(0.8, frame_index=20, pts=2.0))
+    assert update is not None and "gated" not in update.extra  # an update knows no counts yet
+    te = end()
+    te.gated = {"sharpness": 3, "budget": 1}
+    assert sel.end(te).extra["gated"] == {"sharpness": 3, "budget": 1}
+
+
 def test_selector_unscored_and_unknown_ends() -> None:
     sel = Selector(SelectionConfig(), "m")
     sel.add(cand(0.5, track_id=1, camera="a"))
@@ -237,6 +247,9 @@ def test_gate_candidate_fields_and_track_end() -> None:
     pending, te = g.end(4)
     assert pending is None
     assert te == TrackEnd("cam7", 4, 2.0, 3.0, 3)
+    assert te.gated == {"det_score": 1, "face_size": 1}  # by reason, published as extra.gated
+    g.observe(13, 3.1, 5, det(), crops(BLURRED))
+    assert g.end(5)[1].gated == {"sharpness": 1}
 
 
 def test_gate_without_budget_sends_every_gated_in_face() -> None:
@@ -257,6 +270,7 @@ def test_gate_budget_defers_and_end_returns_best_pending() -> None:
     pending, te = g.end(2)
     assert pending is not None and pending.frame_index == 2 and pending.cheap == pytest.approx(0.9)
     assert te is not None and te.frames_seen == 3
+    assert te.gated == {"budget": 2}  # three deferred, the pending one scored after all
 
 
 def test_gate_pending_dropped_when_equal_sent() -> None:
