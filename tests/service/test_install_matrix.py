@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,9 @@ def resolve(target: Target, requirements: list[str]) -> Resolution:
     for platform in target.platforms():
         cmd += ["--platform", platform]
     start = time.monotonic()
-    done = subprocess.run([*cmd, *requirements], capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    with tempfile.TemporaryDirectory() as target_dir:  # pip before 23.1 wants --target with --platform; none written
+        done = subprocess.run([*cmd, "--target", target_dir, *requirements], capture_output=True, text=True,
+                              timeout=PIP_TIMEOUT_S)
     return Resolution(done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
