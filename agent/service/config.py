@@ -6,7 +6,10 @@
     defaults:    source / detector / tracker / selection settings shared by every camera
     cameras:     [{id, url | upstream, and any per-camera override of a `defaults` section}]
     publisher:   endpoint, mode, high-water mark, CURVE keys, spool; off loopback, CURVE or allow_plaintext
+    outputs:     [{type: zeromq, name, ...}]: more outputs at once; `publisher` is one of them when set
+                 or when `outputs` is empty (agent/pipeline/outputs/base.py)
     metrics:     Prometheus listen address
+    live:        the live page on the metrics listener: off unless enabled; off loopback, a token and allow_plaintext
     logging:     level
 
 `${NAME}` (or `${NAME:-default}`) in any string is replaced from the environment, for secrets.
@@ -34,6 +37,7 @@ from agent.pipeline.select import SelectionConfig
 from agent.pipeline.sources.upstream import UpstreamOptions
 from agent.pipeline.sources.video import SourceOptions
 from agent.pipeline.track import TrackerConfig
+from agent.service.live import exposure_problems
 from engines.prune import Recipe
 from engines.trt_build import EngineOptions, Profile
 
@@ -156,6 +160,13 @@ class Publisher(Model):
         return self
 
 
+class ZeroMQOutput(Publisher):
+    """A ZeroMQ output in `outputs:`, configured as `publisher:` is."""
+
+    type: Literal["zeromq"]
+    name: str = "zeromq"
+
+
 class Metrics(Model):
     listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT for /metrics and /healthz; null = off")
 
@@ -165,6 +176,29 @@ class Metrics(Model):
         if v is not None and not re.match(r"^[^:\s]*:\d{1,5}$", v):
             raise ValueError("expected HOST:PORT")
         return v
+
+
+class LiveToken(Model):
+    """Where the live page's token comes from: never the YAML itself."""
+
+    credential: str | None = Field(None, description="file name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+    env: str | None = Field(None, description="environment variable holding it")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LiveToken:
+        if (self.credential is None) == (self.env is None):
+            raise ValueError("name exactly one of `credential` or `env`")
+        return self
+
+
+class Live(Model):
+    enabled: bool = Field(False, description="serve the live page (faces) on metrics.listen at /")
+    history: int = Field(20, ge=1, le=500, description="shots kept per camera, in memory only")
+    max_pages: int = Field(100, ge=1, le=1000, description="pages connected at once")
+    token: LiveToken | None = Field(None, description="required of every request when set (HTTP basic auth "
+                                    "password or Bearer); required off loopback")
+    allow_plaintext: bool = Field(False, description="serve faces over plain HTTP to other machines (off loopback "
+                                  "refused unless true; a warning at every start)")
 
 
 class Logging(Model):
@@ -179,29 +213,48 @@ class Config(Model):
     defaults: Defaults = Field(default_factory=Defaults)
     cameras: list[Camera] = Field(min_length=1)
     publisher: Publisher = Field(default_factory=Publisher)
+    outputs: list[ZeroMQOutput] = Field(default_factory=list, description="outputs besides (or instead of) publisher")
     metrics: Metrics = Field(default_factory=Metrics)
+    live: Live = Field(default_factory=Live)
     logging: Logging = Field(default_factory=Logging)
 
     def warnings(self) -> list[str]:
         """What this valid configuration accepts explicitly but should not need: logged at every start and printed by
         check-config (each output that sends faces in clear because its allow_plaintext says so)."""
         problem = self.publisher.plaintext_exposure()  # only valid with allow_plaintext
-        return [f"{problem} (accepted by publisher.allow_plaintext: true)"] if problem else []
+        out = [f"{problem} (accepted by publisher.allow_plaintext: true)"] if problem else []
+        out += [f"{problem} (accepted by its allow_plaintext: true)" for o in self.outputs
+                if (problem := o.plaintext_exposure())]
+        if self.live.enabled and exposure_problems(self.metrics.listen, True, False):
+            out.append(f"live page on {self.metrics.listen}: faces in clear over HTTP to other machines (accepted by "
+                       "live.allow_plaintext: true)")
+        return out
+
+    def output_configs(self) -> list[PublisherConfig]:
+        """Every output to start: `publisher` first when it is set or `outputs` is empty, then `outputs`."""
+        out: list[PublisherConfig] = []
+        if "publisher" in self.model_fields_set or not self.outputs:
+            out.append(self.publisher_config())
+        for o in self.outputs:
+            out.append(zeromq_config(o) if isinstance(o, ZeroMQOutput) else o)
+        return out
 
     def camera_configs(self) -> list[CameraConfig]:
         return [to_camera(c) for c in self.cameras]
 
     def publisher_config(self) -> PublisherConfig:
-        p = self.publisher
-        extra: dict[str, Any] = {}
-        if p.curve is not None:
-            extra |= {"curve_secret_key": p.curve.server_secret_key,
-                      "curve_authorized_keys_dir": p.curve.authorized_keys_dir}
-        if p.spool is not None:
-            extra |= {"spool_dir": p.spool.dir, "spool_max_bytes": int(p.spool.max_mb * 2**20)}
-        return PublisherConfig(endpoint=p.endpoint, mode=p.mode, sndhwm=p.sndhwm,
-                               include_embedding=p.include_embedding, jpeg_quality=p.jpeg_quality,
-                               linger_ms=p.linger_ms, **extra)
+        return zeromq_config(self.publisher)
+
+
+def zeromq_config(p: Publisher) -> PublisherConfig:
+    extra: dict[str, Any] = {"name": p.name} if isinstance(p, ZeroMQOutput) else {}
+    if p.curve is not None:
+        extra |= {"curve_secret_key": p.curve.server_secret_key,
+                  "curve_authorized_keys_dir": p.curve.authorized_keys_dir}
+    if p.spool is not None:
+        extra |= {"spool_dir": p.spool.dir, "spool_max_bytes": int(p.spool.max_mb * 2**20)}
+    return PublisherConfig(endpoint=p.endpoint, mode=p.mode, sndhwm=p.sndhwm, include_embedding=p.include_embedding,
+                           jpeg_quality=p.jpeg_quality, linger_ms=p.linger_ms, **extra)
 
 
 def to_camera(c: Camera) -> CameraConfig:
@@ -260,8 +313,13 @@ def _negatives(section: Any, where: str) -> list[str]:
 
 
 def _problems(cfg: Config) -> list[str]:
-    """What the models cannot check on their own: unique camera ids, no negative numbers in the stages' settings."""
+    """What the models cannot check on their own: unique camera ids, no negative numbers in the stages' settings,
+    where the live page may listen."""
     errors, first = [], {}
+    if cfg.live.enabled and cfg.metrics.listen is None:
+        errors.append("live.enabled: the live page is served on metrics.listen, which is null")
+    elif cfg.live.enabled:
+        errors += exposure_problems(cfg.metrics.listen, cfg.live.token is not None, cfg.live.allow_plaintext)
     for where, sec in [("defaults", cfg.defaults), *((f"cameras[{i}]", c) for i, c in enumerate(cfg.cameras))]:
         for name in ("source", "detector", "tracker", "selection", "upstream"):
             if getattr(sec, name, None) is not None:
@@ -270,6 +328,9 @@ def _problems(cfg: Config) -> list[str]:
         if cam.id in first:
             errors.append(f"cameras[{i}].id: camera id {cam.id!r} is already used by cameras[{first[cam.id]}]")
         first.setdefault(cam.id, i)
+    names = [o.name for o in cfg.output_configs()]
+    errors += [f"outputs: two outputs are named {n!r} (give each its own `name`)" for n in sorted(set(names))
+               if names.count(n) > 1]
     return errors
 
 

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -110,6 +110,30 @@ class Metrics:
             yield CounterMetricFamily("bestshot_shots_published", "Best shots sent", value=publisher.published)
             yield CounterMetricFamily("bestshot_shots_dropped", "Best shots that could not be sent",
                                       value=publisher.dropped)
+            yield from output_families(getattr(publisher, "outputs", ()))
+
+
+OUTPUT_COUNTS = (  # agent/pipeline/outputs/base.py: Counts
+    ("published", "Shots handed to the output's transport (first attempt)"),
+    ("acked", "Shots the output's server confirmed (NATS ack, MQTT PUBACK)"),
+    ("retried", "Further attempts to deliver a shot"),
+    ("spooled", "Shots written to the output's on-disk spool"),
+    ("dropped", "Shots lost by the output (queue full, refused, spool write failed)"),
+)
+
+
+def output_families(outputs: Any) -> Iterator[Metric]:
+    """bestshot_output_<count>_total{output} for each output, and bestshot_output_up{output}."""
+    counts = [(o.name, o.counts.as_dict()) for o in outputs]
+    for name, doc in OUTPUT_COUNTS:
+        family = CounterMetricFamily(f"bestshot_output_{name}", doc, labels=["output"])
+        for output, c in counts:
+            family.add_metric([output], c[name])
+        yield family
+    up = GaugeMetricFamily("bestshot_output_up", "1 while the output delivers normally", labels=["output"])
+    for o in outputs:
+        up.add_metric([o.name], float(o.health()[0]))
+    yield up
 
 
 COUNTERS = (  # name, labels, help; per camera (an upstream input's tracks: per camera it names)
@@ -132,9 +156,11 @@ class Liveness:
     reports it, and is unhealthy when no camera at all is up.
     """
 
-    def __init__(self, pipeline: Any, stall_s: float = 20.0, clock: Callable[[], float] = time.monotonic):
-        """clock: the time the heartbeat is read against (the pipeline's, time.monotonic)."""
-        self.pipeline, self.stall_s, self.clock = pipeline, stall_s, clock
+    def __init__(self, pipeline: Any, stall_s: float = 20.0, clock: Callable[[], float] = time.monotonic,
+                 outputs: Any = None):
+        """clock: the time the heartbeat is read against (the pipeline's, time.monotonic); outputs: the fan-out
+        (agent/pipeline/outputs/base.py), whose outputs' health /healthz shows (one not delivering is a reason)."""
+        self.pipeline, self.stall_s, self.clock, self.outputs = pipeline, stall_s, clock, outputs
         self._progress: dict[int, tuple[int, float]] = {}  # id(worker) -> (frames, monotonic time they changed)
         self._lock = threading.Lock()
 
@@ -176,7 +202,12 @@ class Liveness:
             reasons.append(f"camera {cam}: worker failed ({error}); restarting")
         if running and not any(c["up"] for c in cameras.values()):
             reasons.append("no camera is up")
-        return not reasons, {"status": "unhealthy" if reasons else "ok", "reasons": reasons, "cameras": cameras}
+        body: dict[str, Any] = {"cameras": cameras}
+        if self.outputs is not None:
+            body["outputs"] = self.outputs.health()
+            reasons += [f"output {name}: {h.get('reason', 'not delivering')}" for name, h in body["outputs"].items()
+                        if not h["ok"]]
+        return not reasons, {"status": "unhealthy" if reasons else "ok", "reasons": reasons, **body}
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -208,11 +239,17 @@ class _BoundedServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def serve(listen: str, registry: CollectorRegistry, health: HealthFn, max_connections: int = 32,
-          request_timeout_s: float = 5.0) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on HOST:PORT (empty host: all interfaces) from a daemon thread; end with
-    `.shutdown()` then `.server_close()`. OSError when the address cannot be bound. A connection that sends no
-    complete request within `request_timeout_s` is closed; at most `max_connections` are served at once."""
+class Pages(Protocol):
+    def handle(self, handler: BaseHTTPRequestHandler, path: str) -> bool:
+        """Answer `path` (True) or leave it (False: 404)."""
+
+
+def serve(listen: str, registry: CollectorRegistry | None, health: HealthFn | None, max_connections: int = 32,
+          request_timeout_s: float = 5.0, pages: Pages | None = None) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz (each unless None) and `pages` (the live page) on HOST:PORT (empty host: all
+    interfaces) from a daemon thread; end with `.shutdown()` then `.server_close()`. OSError when the address cannot
+    be bound. A connection that sends no complete request within `request_timeout_s` is closed, as is one whose
+    answer is not read within it; at most `max_connections` are served at once."""
     host, _, port = listen.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
@@ -220,12 +257,12 @@ def serve(listen: str, registry: CollectorRegistry, health: HealthFn, max_connec
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            if path == "/metrics" and registry is not None:
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-            elif path == "/healthz":
+            elif path == "/healthz" and health is not None:
                 ok, body = health()
                 self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
-            else:
+            elif pages is None or not pages.handle(self, path):
                 self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
 
         def _send(self, code: int, ctype: str, body: bytes) -> None:
@@ -240,5 +277,6 @@ def serve(listen: str, registry: CollectorRegistry, health: HealthFn, max_connec
 
     server = _BoundedServer((host or "0.0.0.0", int(port)), Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
+    routes = [r for r, on in (("/metrics", registry), ("/healthz", health), ("/ (live page)", pages)) if on is not None]
+    log.info("http://%s:%d: %s", *server.server_address[:2], ", ".join(routes))
     return server

@@ -18,13 +18,15 @@ from pathlib import Path
 from agent import __version__
 from agent.common.cache import use_cache_root
 from agent.common.keys import KeyFileError
-from agent.pipeline.outputs.zeromq import Publisher
+from agent.pipeline.outputs.base import Output, Outputs
+from agent.pipeline.outputs.zeromq import Publisher, PublisherConfig
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.score import build_scorer
 from agent.quality.diffprob import enrich_factory
 from agent.quality.selection import with_selection
 from agent.service import notify
 from agent.service.config import Config, ConfigError, load_config, to_camera
+from agent.service.live import LiveView, PipelineStatus, read_token
 from agent.service.metrics import Liveness, Metrics, serve
 from agent.service.notify import Watchdog
 from agent.types import BestShot
@@ -52,11 +54,27 @@ class RunSummary:
         return self.inputs > 0 and len(self.failed) == self.inputs
 
 
-class Agent:
-    """One running agent: owns the scorer, the pipeline and the publisher."""
+CLOSE_TIMEOUT_S = 10.0  # at the end, each output's time to deliver what it still holds (then: spool, or lost)
 
-    def __init__(self, cfg: Config, trace: Path | None = None):
-        self.cfg = cfg
+
+def open_outputs(configs: list[PublisherConfig]) -> Outputs:
+    """Start every configured output; if one cannot start (an address in use, a spool held by another process),
+    close those already started and raise."""
+    started: list[Output] = []
+    try:
+        for c in configs:
+            started.append(Publisher(c))
+    except BaseException:
+        Outputs(started).close(1.0)
+        raise
+    return Outputs(started)
+
+
+class Agent:
+    """One running agent: owns the scorer, the pipeline and the publisher; shows its shots on `live` when given."""
+
+    def __init__(self, cfg: Config, trace: Path | None = None, live: LiveView | None = None):
+        self.cfg, self.live = cfg, live
         m = cfg.models
         use_cache_root(m.cache_dir)  # the detectors and the demo clip follow the FR model there
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
@@ -67,16 +85,20 @@ class Agent:
         # ERS of the best shot, the track template and DiffProb's diverse shots
         ers = with_selection(self.scorer, self.prepared, cfg.defaults.detector, cfg.scoring.selection)
         enrich = enrich_factory(ers, cfg.scoring.shots, cfg.scoring.template_weights)
-        self.publisher = Publisher(cfg.publisher_config())
-        log.info("publishing on %s (%s)", self.publisher.endpoint, cfg.publisher.mode)
+        self.outputs = open_outputs(cfg.output_configs())
+        log.info("publishing on %s", self.outputs.describe())
         self.pipeline = Pipeline(cfg.camera_configs(), m.fr, self.scorer, self._publish, cfg.scoring.budget,
-                                 trace=trace, tick=self.publisher.pump, enrich=enrich)
+                                 trace=trace, tick=self.outputs.tick, enrich=enrich)
+        if live is not None:
+            live.status = PipelineStatus(self.pipeline)
 
     def _publish(self, shot: BestShot) -> bool:
-        ok = self.publisher.publish(shot)
+        ok = self.outputs.publish(shot)
         log.info("camera %s track %d: %s shot, frame %d, quality %.3f (%d frames seen, %d scored)%s", shot.camera,
                  shot.track_id, shot.status, shot.frame_index, shot.quality, shot.frames_seen, shot.frames_scored,
                  "" if ok else " [dropped]")
+        if self.live is not None:
+            self.live.add_shot(shot)
         return ok
 
     def stop(self) -> None:
@@ -89,7 +111,7 @@ class Agent:
         try:
             return self._reload(path)
         finally:
-            notify.ready(f"{len(self.cfg.cameras)} camera(s), publishing on {self.publisher.endpoint}")
+            notify.ready(f"{len(self.cfg.cameras)} camera(s), publishing on {self.outputs.describe()}")
 
     def _reload(self, path: Path) -> bool:
         try:
@@ -99,11 +121,12 @@ class Agent:
                 log.error("reload rejected: %s: %s", e.source, err)
             log.error("reload rejected: keeping the running configuration")
             return False
-        if self.cfg.publisher.curve is not None:
-            try:
-                log.info("reload: %d authorized subscriber keys", self.publisher.reload_authorized_keys())
-            except KeyFileError as e:
-                log.error("reload: %s (keeping the previous allow-list)", e)
+        for o in self.outputs.outputs:
+            if isinstance(o, Publisher) and o.config.curve_secret_key is not None:
+                try:
+                    log.info("reload: %d authorized subscriber keys (%s)", o.reload_authorized_keys(), o.name)
+                except KeyFileError as e:
+                    log.error("reload: %s: %s (keeping the previous allow-list)", o.name, e)
         old = {c.id: c for c in self.cfg.cameras}
         cams = {c.id: c for c in new.cameras}
         removed = sorted(old.keys() - cams.keys())
@@ -118,7 +141,7 @@ class Agent:
             log.error("reload: %s", e)
             return False
         self.pipeline.start_workers()
-        ignored = [k for k in ("models", "backend", "scoring", "publisher", "metrics")
+        ignored = [k for k in ("models", "backend", "scoring", "publisher", "outputs", "metrics", "live")
                    if getattr(new, k) != getattr(self.cfg, k)]
         if ignored:
             log.warning("reload: changes to %s take effect at the next restart", ", ".join(ignored))
@@ -132,14 +155,14 @@ class Agent:
         try:
             self.pipeline.run()
         finally:
-            self.publisher.close()
+            self.outputs.close(CLOSE_TIMEOUT_S)
         workers = [*self.pipeline.finished, *self.pipeline.workers.values()]
         lat = self.pipeline.end_latency_s
         ended = self.pipeline.ended
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
             scored=self.pipeline.scored, deferred=sum(g.deferred for w in workers for g in w.gates.values()),
-            published=self.publisher.published, dropped=self.publisher.dropped,
+            published=self.outputs.published, dropped=self.outputs.dropped,
             seconds=time.monotonic() - t0,
             end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
             inputs=len(ended), failed={cam: why for cam, why in ended.items() if why is not None},
@@ -148,7 +171,11 @@ class Agent:
 
 def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None = None) -> RunSummary:
     """Run until the sources end (files) or a SIGTERM/SIGINT arrives; SIGHUP reloads `config_path`."""
-    agent = Agent(cfg, trace)
+    live = None
+    if cfg.live.enabled:  # its token is read before any model loads: a missing one is a configuration error
+        token = read_token(cfg.live.token.credential, cfg.live.token.env) if cfg.live.token else None
+        live = LiveView(cfg.live.history, cfg.live.max_pages, token)
+    agent = Agent(cfg, trace, live)
 
     def on_signal(signum, _frame) -> None:
         log.info("%s: stopping the sources and flushing open tracks", signal.Signals(signum).name)
@@ -166,20 +193,26 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
-    liveness = Liveness(agent.pipeline)
+    liveness = Liveness(agent.pipeline, outputs=agent.outputs)
     server = None
     if cfg.metrics.listen:
-        registry = Metrics().bind(agent.pipeline, agent.publisher).registry
-        try:
-            server = serve(cfg.metrics.listen, registry, liveness.health)
+        registry = Metrics().bind(agent.pipeline, agent.outputs).registry
+        if live is not None:
+            registry.register(live)
+            live.start()
+        try:  # each live page holds a connection
+            server = serve(cfg.metrics.listen, registry, liveness.health, pages=live,
+                           max_connections=32 + (cfg.live.max_pages if live else 0))
         except OSError as e:
             raise OSError(f"metrics.listen {cfg.metrics.listen}: cannot listen: {e.strerror or e}") from e
     watchdog = Watchdog(liveness.problems).start()  # pings only under systemd, only while the loops live
-    notify.ready(f"{len(cfg.cameras)} camera(s), publishing on {agent.publisher.endpoint}")
+    notify.ready(f"{len(cfg.cameras)} camera(s), publishing on {agent.outputs.describe()}")
     try:
         summary = agent.run()
     finally:
         watchdog.stop()
+        if live is not None:
+            live.close()
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -197,7 +197,7 @@ def test_unreadable_file(tmp_path):
 def test_schema_is_json_with_the_sections():
     schema = json.loads(schema_json())
     assert schema == config_schema()
-    assert set(schema["properties"]) == {"models", "backend", "scoring", "defaults", "cameras", "publisher", "metrics",
-                                         "engines", "logging"}
+    assert set(schema["properties"]) == {"models", "backend", "scoring", "defaults", "cameras", "publisher", "outputs",
+                                         "live", "metrics", "engines", "logging"}
     assert schema["required"] == ["cameras"] and schema["additionalProperties"] is False
     assert schema["properties"]["backend"]["enum"] == ["auto", "onnxruntime", "onnxruntime-cuda", "tensorrt"]

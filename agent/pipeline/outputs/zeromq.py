@@ -7,6 +7,9 @@ One multipart message per shot:
   2. aligned face crop, JPEG
   3. context crop, JPEG
   4. dense embedding, float32 little-endian; present only when the metadata has ``embedding_dim``
+
+The metadata's ``shot_id`` (when the sender has one: agent/pipeline/outputs/base.py) is the same for every output
+and every retry of one shot: consumers de-duplicate on it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from agent import __version__
 from agent.common.keys import AllowList, check_secret_file, load_authorized_keys
+from agent.pipeline.outputs.base import Counts
 from agent.pipeline.outputs.spool import Spool
 from agent.types import BestShot
 
@@ -71,7 +75,7 @@ def _size(img: np.ndarray) -> list[int]:
     return [int(img.shape[1]), int(img.shape[0])]  # width, height
 
 
-def encode(shot: BestShot, include_embedding: bool, jpeg_quality: int = 90) -> list[bytes]:
+def encode(shot: BestShot, include_embedding: bool, jpeg_quality: int = 90, shot_id: str | None = None) -> list[bytes]:
     """The multipart message of one shot (see the module docstring)."""
     emb = np.asarray(shot.embedding, dtype="<f4").ravel() if include_embedding else None
     meta: dict[str, Any] = {
@@ -98,6 +102,8 @@ def encode(shot: BestShot, include_embedding: bool, jpeg_quality: int = 90) -> l
         "context_size": _size(shot.context),
         "extra": shot.extra,
     }
+    if shot_id is not None:
+        meta["shot_id"] = shot_id
     if emb is not None:
         meta |= {"embedding_dim": int(emb.size), "embedding_dtype": EMBEDDING_DTYPE}
     parts = [
@@ -156,6 +162,7 @@ class PublisherConfig:
     """
 
     endpoint: str = "tcp://127.0.0.1:5556"  # tcp://host:port (port * = any free one) or ipc:///path
+    name: str = "zeromq"  # the output's name: its metrics label and /healthz key
     mode: Literal["pub", "push"] = "pub"
     sndhwm: int = 1000  # messages queued per peer before ZeroMQ drops (pub) or refuses (push)
     include_embedding: bool = True
@@ -214,8 +221,9 @@ class Publisher:
     """
 
     def __init__(self, config: PublisherConfig, context: zmq.Context | None = None) -> None:
-        self.config = config
-        self.published = self.dropped = self.bytes = self.spooled = 0
+        self.config, self.name = config, config.name
+        self.counts = Counts()  # published, dropped, spooled (ZeroMQ acknowledges nothing: acked, retried stay 0)
+        self.bytes = 0
         self._unlogged_drops = 0
         self._last_drop_log = -math.inf
         if config.endpoint.startswith("ipc://"):
@@ -272,6 +280,18 @@ class Publisher:
         log.info("%s: connections dropped after a key was revoked; allowed clients reconnect", self.endpoint)
 
     @property
+    def published(self) -> int:
+        return self.counts.published
+
+    @property
+    def dropped(self) -> int:
+        return self.counts.dropped
+
+    @property
+    def spooled(self) -> int:
+        return self.counts.spooled
+
+    @property
     def spool_dropped(self) -> int:
         return 0 if self._spool is None else self._spool.dropped
 
@@ -302,15 +322,16 @@ class Publisher:
             self._revoked.set()
         return n
 
-    def publish(self, shot: BestShot) -> bool:
+    def publish(self, shot: BestShot, shot_id: str | None = None) -> bool:
         """Send one shot without blocking. Without a spool, False (counted as dropped) when ZeroMQ cannot take it
         now. With one, the shot is sent, or spooled behind those already waiting (True); False if that fails."""
         if self._spool is None:
             if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:  # no peer able to take it: skip encoding
                 return self._drop()
-            return self._send(encode(shot, self.config.include_embedding, self.config.jpeg_quality)) or self._drop()
+            return self._send(encode(shot, self.config.include_embedding, self.config.jpeg_quality,
+                                     shot_id)) or self._drop()
         self.pump()
-        parts = encode(shot, self.config.include_embedding, self.config.jpeg_quality)
+        parts = encode(shot, self.config.include_embedding, self.config.jpeg_quality, shot_id)
         if not self._spool and self._send(parts):
             return True
         try:
@@ -323,7 +344,7 @@ class Publisher:
             return self._drop()
         if len(self._spool) == 1:
             log.info("%s: no consumer can take best shots now; spooling them in %s", self.endpoint, self._spool.dir)
-        self.spooled += 1
+        self.counts.add("spooled")
         return True
 
     def pump(self, max_messages: int = 64) -> int:
@@ -346,13 +367,13 @@ class Publisher:
             self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
-        self.published += 1
+        self.counts.add("published")
         self.bytes += sum(len(p) for p in parts)
         return True
 
     def _drop(self) -> bool:
         """Count one lost shot (logged at most every DROP_LOG_INTERVAL_S); returns False, publish()'s answer."""
-        self.dropped += 1
+        self.counts.add("dropped")
         self._unlogged_drops += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
@@ -370,11 +391,19 @@ class Publisher:
         if self._spool is not None:
             self._spool.close()
 
-    def close(self) -> None:
-        """Close the socket; with its own context, wait at most linger_ms for queued messages to leave.
-        Spooled shots stay on disk."""
+    # the Output protocol (agent/pipeline/outputs/base.py): sends happen on the caller's thread, never blocking
+    submit = publish
+    tick = pump
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"endpoint": self.endpoint, "spool_pending": self.spool_pending}
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Close the socket; with its own context, wait at most linger_ms (or timeout_s if shorter) for queued
+        messages to leave. Spooled shots stay on disk."""
         if not self._sock.closed:
-            self._teardown(self.config.linger_ms)
+            linger = self.config.linger_ms if timeout_s is None else min(self.config.linger_ms, int(timeout_s * 1000))
+            self._teardown(linger)
             log.info("publisher %s closed: %d published (%d bytes), %d dropped, %d spooled, %d still in the spool, "
                      "%d deleted from it", self.endpoint, self.published, self.bytes, self.dropped, self.spooled,
                      self.spool_pending, self.spool_dropped)
