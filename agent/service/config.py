@@ -6,7 +6,7 @@
     defaults:    source / detector / tracker / selection settings shared by every camera
     cameras:     [{id, url | upstream, and any per-camera override of a `defaults` section}]
     publisher:   endpoint, mode, high-water mark, CURVE keys, spool; off loopback, CURVE or allow_plaintext
-    outputs:     [{type: zeromq, name, ...}]: more outputs at once; `publisher` is one of them when set
+    outputs:     [{type: zeromq | nats, name, ...}]: more outputs at once; `publisher` is one of them when set
                  or when `outputs` is empty (agent/pipeline/outputs/base.py)
     metrics:     Prometheus listen address
     live:        the live page on the metrics listener: off unless enabled; off loopback, a token and allow_plaintext
@@ -22,15 +22,17 @@ import os
 import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Annotated, Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.common.fr_spec import FRSpec
+from agent.common.secrets import Secret
 from agent.pipeline.detect import DetectorSpec
 from agent.pipeline.outputs.exposure import in_clear
+from agent.pipeline.outputs.nats import NatsConfig, StreamSettings
 from agent.pipeline.outputs.zeromq import PublisherConfig
 from agent.pipeline.runner import CameraConfig
 from agent.pipeline.select import SelectionConfig
@@ -43,7 +45,7 @@ from engines.trt_build import EngineOptions, Profile
 
 STRICT = ConfigDict(extra="forbid")
 for _cls in (DetectorSpec, SourceOptions, FRSpec, PublisherConfig, SelectionConfig, TrackerConfig, UpstreamOptions,
-             EngineOptions, Profile):
+             EngineOptions, Profile, NatsConfig, StreamSettings, Secret):
     _cls.__pydantic_config__ = STRICT  # unknown keys in a section are errors, with their location
 
 
@@ -213,7 +215,8 @@ class Config(Model):
     defaults: Defaults = Field(default_factory=Defaults)
     cameras: list[Camera] = Field(min_length=1)
     publisher: Publisher = Field(default_factory=Publisher)
-    outputs: list[ZeroMQOutput] = Field(default_factory=list, description="outputs besides (or instead of) publisher")
+    outputs: list[Annotated[ZeroMQOutput | NatsConfig, Field(discriminator="type")]] = Field(
+        default_factory=list, description="outputs besides (or instead of) publisher")
     metrics: Metrics = Field(default_factory=Metrics)
     live: Live = Field(default_factory=Live)
     logging: Logging = Field(default_factory=Logging)
@@ -230,9 +233,9 @@ class Config(Model):
                        "live.allow_plaintext: true)")
         return out
 
-    def output_configs(self) -> list[PublisherConfig]:
+    def output_configs(self) -> list[PublisherConfig | NatsConfig]:
         """Every output to start: `publisher` first when it is set or `outputs` is empty, then `outputs`."""
-        out: list[PublisherConfig] = []
+        out: list[PublisherConfig | NatsConfig] = []
         if "publisher" in self.model_fields_set or not self.outputs:
             out.append(self.publisher_config())
         for o in self.outputs:

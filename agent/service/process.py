@@ -19,6 +19,7 @@ from agent import __version__
 from agent.common.cache import use_cache_root
 from agent.common.keys import KeyFileError
 from agent.pipeline.outputs.base import Output, Outputs
+from agent.pipeline.outputs.nats import NatsConfig, NatsOutput
 from agent.pipeline.outputs.zeromq import Publisher, PublisherConfig
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.score import build_scorer
@@ -57,13 +58,13 @@ class RunSummary:
 CLOSE_TIMEOUT_S = 10.0  # at the end, each output's time to deliver what it still holds (then: spool, or lost)
 
 
-def open_outputs(configs: list[PublisherConfig]) -> Outputs:
+def open_outputs(configs: list[PublisherConfig | NatsConfig]) -> Outputs:
     """Start every configured output; if one cannot start (an address in use, a spool held by another process),
     close those already started and raise."""
     started: list[Output] = []
     try:
         for c in configs:
-            started.append(Publisher(c))
+            started.append(NatsOutput(c) if isinstance(c, NatsConfig) else Publisher(c))
     except BaseException:
         Outputs(started).close(1.0)
         raise
