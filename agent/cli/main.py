@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -179,12 +180,25 @@ def cmd_run(args) -> int:
 
 
 def cmd_subscribe(args) -> int:
+    if args.endpoint.startswith(("nats://", "tls://")):
+        return cmd_subscribe_nats(args)
     from agent.cli.subscribe import subscribe
 
     n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
                   server_public_key=args.server_key, client_secret_key=args.client_key)
     log.info("%d messages received", n)
     return 0 if n or args.count is None else 1
+
+
+def cmd_subscribe_nats(args) -> int:
+    from agent.cli.subscribe_nats import NatsConsumer, subscribe_nats
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    consumer = NatsConsumer(url=args.endpoint, stream=args.stream, durable=args.durable, subjects=args.subjects,
+                            ack_wait_s=args.ack_wait, tls_ca=args.tls_ca, creds_file=args.creds,
+                            nkey_seed_file=args.nkey, token=token)
+    stats = subscribe_nats(consumer, args.out, args.count, args.timeout)
+    return 0 if stats.handled or args.count is None else 1
 
 
 def cmd_bench_pipeline(args) -> int:
@@ -326,13 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("subscribe", help="receive best shots: one JSON line each, crops saved with --out")
-    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
+    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556",
+                   help="ZeroMQ tcp:// or ipc:// endpoint, or nats://HOST:PORT (several: comma-separated) for a "
+                        "durable JetStream consumer that acks each shot once it is written")
     p.add_argument("--out", type=Path, help="write crops, metadata and embeddings under this folder")
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
     p.add_argument("--mode", choices=["sub", "pull"], default="sub", help="pull for a publisher in push mode")
     p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
     p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
+    p.add_argument("--stream", default="BESTSHOT", help="NATS: the stream")
+    p.add_argument("--durable", default="bestshot-subscribe", help="NATS: the durable consumer's name (kept on "
+                   "the server: a restart goes on where the last run acked)")
+    p.add_argument("--subjects", default="bestshot.>", help="NATS: subject filter, e.g. bestshot.site1.>")
+    p.add_argument("--ack-wait", type=float, default=30.0, help="NATS: seconds before an unacked shot is resent")
+    p.add_argument("--tls-ca", type=Path, help="NATS: CA bundle for tls:// servers")
+    p.add_argument("--creds", type=Path, help="NATS: .creds file")
+    p.add_argument("--nkey", type=Path, help="NATS: nkey seed file")
+    p.add_argument("--token-env", help="NATS: environment variable holding the token (user and password: in the "
+                   "URL, nats://user:password@host)")
     p.set_defaults(func=cmd_subscribe)
 
     default_shared = Path(__file__).resolve().parents[3] / "shared"

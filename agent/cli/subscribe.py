@@ -49,17 +49,22 @@ def _write_private(path: Path, blob: bytes) -> None:
         f.write(blob)
 
 
+def meta_path(meta: dict, out_dir: Path) -> Path:
+    """Where save() writes a shot's metadata (written last)."""
+    return out_dir / _safe(meta["camera"]) / f"{_safe(meta['track_id'])}_{_safe(meta['frame_index'])}.json"
+
+
 def save(msg: Message, out_dir: Path) -> dict[str, str]:
     """Write <out>/<camera>/<track>_<frame>_{face,context}.jpg, .json and .f32 (if an embedding came); their paths.
     Folders are made 0700, files 0600."""
-    d = out_dir / _safe(msg.meta["camera"])
+    meta = meta_path(msg.meta, out_dir)
+    d, stem = meta.parent, meta.stem
     for folder in (out_dir, d):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stem = f"{_safe(msg.meta['track_id'])}_{_safe(msg.meta['frame_index'])}"
-    data = {"face": (f"{stem}_face.jpg", msg.face_jpeg), "context": (f"{stem}_context.jpg", msg.context_jpeg),
-            "meta": (f"{stem}.json", json.dumps(msg.meta, indent=1).encode())}
+    data = {"face": (f"{stem}_face.jpg", msg.face_jpeg), "context": (f"{stem}_context.jpg", msg.context_jpeg)}
     if msg.embedding is not None:
         data["embedding"] = (f"{stem}.f32", msg.embedding.astype("<f4").tobytes())
+    data["meta"] = (f"{stem}.json", json.dumps(msg.meta, indent=1).encode())  # last: the shot is whole once it is there
     for name, blob in data.values():
         _write_private(d / name, blob)
     return {k: str(d / name) for k, (name, _) in data.items()}
