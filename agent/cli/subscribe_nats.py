@@ -24,6 +24,7 @@ import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agent.cli.subscribe import _stdout_line, meta_path, save
+from agent.common.secrets import client_tls
 from agent.pipeline.outputs.nats import decode_body
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,7 @@ def _options(c: NatsConsumer) -> dict[str, Any]:
     opts: dict[str, Any] = {"servers": c.url.split(","), "name": f"bestshot subscribe {c.durable}",
                             "max_reconnect_attempts": 120, "reconnect_time_wait": 0.5}  # then: exit 1
     if c.tls_ca is not None:
-        import ssl
-
-        opts["tls"] = ssl.create_default_context(cafile=str(c.tls_ca))
+        opts["tls"] = client_tls(c.tls_ca, None, None, "--tls-ca")
     if c.creds_file is not None:
         opts["user_credentials"] = str(c.creds_file)
     if c.nkey_seed_file is not None:

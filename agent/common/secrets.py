@@ -1,4 +1,5 @@
-"""Secrets an output needs (a NATS password or token, an MQTT password): named in the YAML, never written there.
+"""Secrets an output needs (a NATS password or token, an MQTT password): named in the YAML, never written there;
+and the TLS context a network output's client uses.
 
 `Secret(env="NATS_PASSWORD")` reads an environment variable; `Secret(credential="nats-password")` reads that file in
 `$CREDENTIALS_DIRECTORY`, where systemd puts what `LoadCredential=` names (readable only by the service).
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +39,15 @@ class Secret:
         if not value.strip():
             raise ValueError(f"{what}: the {where} is unset or empty")
         return value.strip()
+
+
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None, what: str) -> ssl.SSLContext:
+    """A client TLS context checking servers against `ca` (None: the system's CAs), with a client certificate when
+    `cert` and `key` are given; ValueError naming `what` when a file cannot be used."""
+    try:
+        ctx = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), None if key is None else str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"{what}: TLS files: {e}") from e
+    return ctx

@@ -6,7 +6,7 @@
     defaults:    source / detector / tracker / selection settings shared by every camera
     cameras:     [{id, url | upstream, and any per-camera override of a `defaults` section}]
     publisher:   endpoint, mode, high-water mark, CURVE keys, spool; off loopback, CURVE or allow_plaintext
-    outputs:     [{type: zeromq | nats, name, ...}]: more outputs at once; `publisher` is one of them when set
+    outputs:     [{type: zeromq | nats | mqtt, name, ...}]: more outputs at once; `publisher` is one of them when set
                  or when `outputs` is empty (agent/pipeline/outputs/base.py)
     metrics:     Prometheus listen address
     live:        the live page on the metrics listener: off unless enabled; off loopback, a token and allow_plaintext
@@ -32,6 +32,7 @@ from agent.common.fr_spec import FRSpec
 from agent.common.secrets import Secret
 from agent.pipeline.detect import DetectorSpec
 from agent.pipeline.outputs.exposure import in_clear
+from agent.pipeline.outputs.mqtt import MqttConfig
 from agent.pipeline.outputs.nats import NatsConfig, StreamSettings
 from agent.pipeline.outputs.zeromq import PublisherConfig
 from agent.pipeline.runner import CameraConfig
@@ -45,7 +46,7 @@ from engines.trt_build import EngineOptions, Profile
 
 STRICT = ConfigDict(extra="forbid")
 for _cls in (DetectorSpec, SourceOptions, FRSpec, PublisherConfig, SelectionConfig, TrackerConfig, UpstreamOptions,
-             EngineOptions, Profile, NatsConfig, StreamSettings, Secret):
+             EngineOptions, Profile, NatsConfig, StreamSettings, Secret, MqttConfig):
     _cls.__pydantic_config__ = STRICT  # unknown keys in a section are errors, with their location
 
 
@@ -215,7 +216,7 @@ class Config(Model):
     defaults: Defaults = Field(default_factory=Defaults)
     cameras: list[Camera] = Field(min_length=1)
     publisher: Publisher = Field(default_factory=Publisher)
-    outputs: list[Annotated[ZeroMQOutput | NatsConfig, Field(discriminator="type")]] = Field(
+    outputs: list[Annotated[ZeroMQOutput | NatsConfig | MqttConfig, Field(discriminator="type")]] = Field(
         default_factory=list, description="outputs besides (or instead of) publisher")
     metrics: Metrics = Field(default_factory=Metrics)
     live: Live = Field(default_factory=Live)
@@ -233,9 +234,9 @@ class Config(Model):
                        "live.allow_plaintext: true)")
         return out
 
-    def output_configs(self) -> list[PublisherConfig | NatsConfig]:
+    def output_configs(self) -> list[PublisherConfig | NatsConfig | MqttConfig]:
         """Every output to start: `publisher` first when it is set or `outputs` is empty, then `outputs`."""
-        out: list[PublisherConfig | NatsConfig] = []
+        out: list[PublisherConfig | NatsConfig | MqttConfig] = []
         if "publisher" in self.model_fields_set or not self.outputs:
             out.append(self.publisher_config())
         for o in self.outputs:

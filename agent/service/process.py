@@ -19,6 +19,7 @@ from agent import __version__
 from agent.common.cache import use_cache_root
 from agent.common.keys import KeyFileError
 from agent.pipeline.outputs.base import Output, Outputs
+from agent.pipeline.outputs.mqtt import MqttConfig, MqttOutput
 from agent.pipeline.outputs.nats import NatsConfig, NatsOutput
 from agent.pipeline.outputs.zeromq import Publisher, PublisherConfig
 from agent.pipeline.runner import Pipeline
@@ -58,13 +59,16 @@ class RunSummary:
 CLOSE_TIMEOUT_S = 10.0  # at the end, each output's time to deliver what it still holds (then: spool, or lost)
 
 
-def open_outputs(configs: list[PublisherConfig | NatsConfig]) -> Outputs:
+OUTPUT_CLASSES = {NatsConfig: NatsOutput, MqttConfig: MqttOutput, PublisherConfig: Publisher}  # config -> output
+
+
+def open_outputs(configs: list[PublisherConfig | NatsConfig | MqttConfig]) -> Outputs:
     """Start every configured output; if one cannot start (an address in use, a spool held by another process),
     close those already started and raise."""
     started: list[Output] = []
     try:
         for c in configs:
-            started.append(NatsOutput(c) if isinstance(c, NatsConfig) else Publisher(c))
+            started.append(OUTPUT_CLASSES[type(c)](c))
     except BaseException:
         Outputs(started).close(1.0)
         raise

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import queue
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from agent.common.secrets import Secret
+from agent.common.secrets import Secret, client_tls
 from agent.pipeline.outputs.base import Counts
 from agent.pipeline.outputs.exposure import in_clear
 from agent.pipeline.outputs.spool import Spool, pack, unpack
@@ -241,13 +240,7 @@ class NatsOutput:
                     raise ValueError(f"outputs {c.name}: {path} is not a readable file")
                 opts[key] = str(path)
         if c.tls_ca is not None or c.tls_cert is not None:
-            try:
-                ctx = ssl.create_default_context(cafile=None if c.tls_ca is None else str(c.tls_ca))
-                if c.tls_cert is not None:
-                    ctx.load_cert_chain(str(c.tls_cert), str(c.tls_key))
-            except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"outputs {c.name}: TLS files: {e}") from e
-            opts["tls"] = ctx
+            opts["tls"] = client_tls(c.tls_ca, c.tls_cert, c.tls_key, f"outputs {c.name}")
         return opts
 
     # --- the Output protocol, called from the pipeline's thread ---
