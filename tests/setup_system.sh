@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the tests need (a real RTSP server, systemd-analyze, NATS and MQTT servers). Idempotent; skips what is present.
+# System packages the tests need (a real RTSP server, systemd-analyze, NATS and MQTT servers, a headless Chromium). Idempotent; skips what is present.
 # tests/rtsp_server.py runs on the system python3: GstRtspServer (gir1.2-gst-rtsp-server-1.0, python3-gi) with
 # filesrc + qtdemux + rtph264pay (plugins-good) + h264parse (plugins-bad); it re-payloads H.264, so no codecs.
 set -euo pipefail
@@ -16,6 +16,7 @@ EOF
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)  # JetStream cluster tests
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)  # MQTT output tests
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || need+=(chromium chromium-driver)  # live page tests (Selenium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
