@@ -112,6 +112,18 @@ def test_loop_replays_with_increasing_pts(clip: Path) -> None:
     assert np.array_equal(frames[275].image, frames[0].image)
 
 
+def test_duration_ends_a_looped_file_and_realtime_paces_it(clip: Path) -> None:
+    src = open_source(str(clip), "cam0", SourceOptions(loop=True, duration_s=10.0))  # 275 frames, then a replay
+    frames = list(src.frames())
+    assert len(frames) == 300 and frames[-1].pts - frames[0].pts < 10.0 and not src.stats.gave_up
+    t0 = time.monotonic()
+    src = open_source(str(clip), "cam0", SourceOptions(realtime=True, duration_s=1.5, drop_when_full=True))
+    frames = list(src.frames())
+    stats = src.stats
+    assert time.monotonic() - t0 >= frames[-1].pts - frames[0].pts >= 1.4  # no frame before its time
+    assert len(frames) + stats.dropped_late + stats.dropped_queue == stats.decoded == 45
+
+
 def test_truncated_file_delivers_frames_before_the_cut(faststart: Path, tmp_path: Path, caplog) -> None:
     cut = tmp_path / "cut.mp4"
     data = faststart.read_bytes()

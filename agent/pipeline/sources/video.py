@@ -3,7 +3,8 @@
 Live sources (rtsp, http, udp, ...) reconnect with capped exponential backoff and drop the oldest queued
 frame when the consumer falls behind; files block the reader instead, so no frame is skipped, and end the
 iteration at their end or at the first decode error. `Frame.index` counts decoded frames from 0 over the
-life of the source, so frames dropped by the fps cap or the queue show as gaps in the indices.
+life of the source, so frames dropped by the fps cap or the queue show as gaps in the indices. `realtime` plays
+a file at its frame rate as a camera would (with `drop_when_full`, what the consumer cannot take is dropped).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class SourceOptions:
     drop_when_full: bool | None = None  # None: True for live urls (drop the oldest), False for files (block)
     max_fps: float | None = None  # keep at most this many frames per second of pts
     loop: bool = False  # replay the source from the start at its end (demos); pts keep increasing
+    realtime: bool = False  # deliver a file's frames at their pts, as a camera would (demos, benchmarks)
+    duration_s: float | None = None  # end after this many seconds of media (over the replays when looping)
 
     def __post_init__(self) -> None:
         if self.transport not in ("tcp", "udp"):
@@ -88,6 +91,7 @@ class SourceStats:
     decoded: int = 0
     dropped_queue: int = 0  # oldest frames dropped from a full queue
     dropped_fps: int = 0  # frames dropped by the max_fps cap
+    dropped_late: int = 0  # realtime: frames decoded more than a queue's worth of frame periods after their time
     reconnects: int = 0
     errors: int = 0
     up: bool = False  # frames are coming in
@@ -113,6 +117,9 @@ class VideoSource:
         self._thread: threading.Thread | None = None
         self._last_pts: float | None = None
         self._next_due: float | None = None
+        self._clock: tuple[float, float] | None = None  # realtime: (monotonic time, pts) of the first frame
+        self._first_pts: float | None = None
+        self._expired = False  # duration_s reached
 
     @property
     def stats(self) -> SourceStats:
@@ -174,6 +181,9 @@ class VideoSource:
                     self._stats.up = False
                 if self._stopping:
                     return
+                if self._expired:
+                    log.info("%s: %.1f s of media played", where, opts.duration_s)
+                    return
                 if error is None and opts.loop and count:
                     log.debug("%s: replaying from the start", where)
                     continue
@@ -231,13 +241,18 @@ class VideoSource:
                     pts = av_frame.time if av_frame.time is not None else count / fps
                     if count == 0 and opts.loop and self._last_pts is not None:
                         offset = self._last_pts + 1.0 / fps - pts
+                    if self._first_pts is None:
+                        self._first_pts = pts
+                    if opts.duration_s is not None and pts + offset - self._first_pts >= opts.duration_s:
+                        self._expired = True
+                        return count
                     count += 1
-                    self._push(av_frame, pts + offset)
+                    self._push(av_frame, pts + offset, fps)
                 if corrupt:  # checked here as frame-threaded decoding does not raise on it
                     raise SourceError(f"corrupt or truncated data after {count} frames")
             return count
 
-    def _push(self, av_frame: av.VideoFrame, pts: float) -> None:
+    def _push(self, av_frame: av.VideoFrame, pts: float, fps: float) -> None:
         with self._cond:
             stats = self._stats
             index = stats.decoded
@@ -248,6 +263,10 @@ class VideoSource:
             if self._capped(pts):
                 stats.dropped_fps += 1
                 return
+        if self.options.realtime and not self._on_time(pts, fps):
+            with self._cond:
+                self._stats.dropped_late += 1
+            return
         frame = Frame(self.camera, index, pts, av_frame.to_ndarray(format="bgr24"), wall)
         with self._cond:
             if len(self._queue) >= self.options.queue_size:
@@ -259,6 +278,18 @@ class VideoSource:
             if not self._stopping:
                 self._queue.append(frame)
                 self._cond.notify_all()
+
+    def _on_time(self, pts: float, fps: float) -> bool:
+        """Realtime pacing: wait until `pts` is due on the wall clock; False for a frame decoded so late that a
+        camera's stream would have overrun the queue (more than queue_size frame periods)."""
+        if self._clock is None:
+            self._clock = (time.monotonic(), pts)
+        due = self._clock[0] + pts - self._clock[1]
+        late = time.monotonic() - due
+        if late < 0:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, -late)
+        return late <= self.options.queue_size / fps
 
     def _capped(self, pts: float) -> bool:
         """True when the max_fps cap drops a frame at `pts`; kept frames follow a steady cadence of 1/max_fps."""
