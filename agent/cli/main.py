@@ -209,6 +209,30 @@ def cmd_bench_pipeline(args) -> int:
     return 0
 
 
+def parse_counts(text: str) -> list[int]:
+    """'1-8' or '1,2,4,8' -> camera counts, ascending."""
+    if "-" in text:
+        lo, hi = (int(v) for v in text.split("-", 1))
+        return list(range(lo, hi + 1))
+    return sorted(int(v) for v in text.split(","))
+
+
+def cmd_bench_cameras(args) -> int:
+    from agent.cli.bench_cameras import CameraBench, bench_cameras
+
+    clips = args.source
+    if not clips:
+        from agent.pipeline.sources.demo import demo_clip_path
+
+        clips = [str(demo_clip_path())]
+    bench = CameraBench(tuple(clips), args.fps, args.duration, args.detect_every, args.detect_input, args.budget,
+                        args.threads)
+    res = bench_cameras(bench, parse_counts(args.cameras), sys.stdout)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def cmd_keys_generate(args) -> int:
     from agent.common.keys import generate_keys
 
@@ -456,6 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-unlimited", action="store_true",
                    help="rerun with unlimited scoring and count the tracks whose published shot changes")
     p.set_defaults(func=cmd_bench_pipeline)
+    p = bench.add_parser("cameras", help="the most cameras played at their frame rate that run without a dropped "
+                                         "frame; per-stage time, CPU, latency, RSS, shots changed vs unpaced")
+    p.add_argument("--source", action="append", help="video file, repeatable: camera i plays the (i mod k)th "
+                                                     "(default: the embedded demo clip)")
+    p.add_argument("--cameras", default="1-8", help="camera counts tried in order until one drops: 1-8 or 1,2,4")
+    p.add_argument("--fps", type=float, default=15.0, help="frames per second each camera delivers")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of media per camera (clips loop)")
+    p.add_argument("--budget", type=float, default=30.0, help="scoring budget, faces/s over all cameras")
+    p.add_argument("--detect-input", type=int, default=640, help="longest side the detector sees")
+    p.add_argument("--detect-every", type=int, default=1, help="run the detector on every Nth frame")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(func=cmd_bench_cameras)
     return parser
 
 
