@@ -324,7 +324,7 @@ class NatsOutput:
 
     async def _run(self) -> None:
         head: _Head | None = None
-        backoff = BACKOFF_S[0]
+        backoff, failing = BACKOFF_S[0], False
         connecting = asyncio.ensure_future(self._connect())
         try:
             while True:
@@ -338,30 +338,39 @@ class NatsOutput:
                         return
                     await self._sleep(1.0)
                     continue
-                if self._closing.is_set() and (time.monotonic() >= self._close_by
-                                               or (head.attempts and self._spool is not None)):
-                    return
+                if self._closing.is_set() and (time.monotonic() >= self._close_by or (
+                        failing and self._spool is not None and not (self._nc and self._nc.is_connected))):
+                    return  # what is left waits in the spool for the next run
+                failing = True
                 if self._js is None or not await self._stream_ready():
-                    await self._sleep(0.2)
+                    if self._spool is not None:  # nothing can be delivered now: the shots wait on disk
+                        head = self._to_spool(head)
+                    await self._pause(0.2)
                     continue
                 result = await self._attempt(head)
                 if result == "retry":
-                    await self._sleep(backoff)
+                    await self._pause(backoff)
                     backoff = min(backoff * 2, BACKOFF_S[1])
                     continue
                 if head.spooled:
                     self._spool.pop()
-                head, backoff = None, BACKOFF_S[0]
+                head, backoff, failing = None, BACKOFF_S[0], False
         finally:
             self._leftovers(head)
             connecting.cancel()
             if self._nc is not None:
                 try:
                     await asyncio.wait_for(self._nc.close(), 2.0)
-                except (asyncio.TimeoutError, nats.errors.Error):
+                except (asyncio.TimeoutError, nats.errors.Error, OSError):  # the server went first
                     pass
             if self._spool is not None:
                 self._spool.close()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep between attempts: only close() ends it early (new shots do not bring the next attempt forward)."""
+        end = time.monotonic() + seconds
+        while not self._closing.is_set() and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.05))
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, woken early by a new shot or by close()."""
