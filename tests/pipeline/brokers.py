@@ -4,6 +4,7 @@ cluster) and mosquitto, from Debian's packages (tests/setup_system.sh); and best
 from __future__ import annotations
 
 import asyncio
+import getpass
 import shutil
 import signal
 import socket
@@ -171,7 +172,7 @@ class Mosquitto(Server):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mosquitto.conf").write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {folder}/\n"
-            f"{extra}\n")
+            f"user {getpass.getuser()}\n{extra}\n")  # as root it would switch to `mosquitto`, who cannot write here
         super().__init__([binary("mosquitto"), "-c", str(folder / "mosquitto.conf")], port,
                          folder / "mosquitto.log")
 

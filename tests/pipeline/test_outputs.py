@@ -80,3 +80,27 @@ def test_outputs_section_beside_publisher() -> None:
     with pytest.raises(Exception, match="unencrypted"):
         parse_config({"cameras": cams, "outputs": [{"type": "zeromq", "endpoint": "tcp://10.1.2.3:5556"}]})
     assert json.dumps(both.model_dump(mode="json"))  # serialisable (check-config, schema)
+
+
+def test_nats_and_mqtt_outputs_in_yaml_take_secrets_only_by_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.pipeline.outputs.mqtt import MqttConfig
+    from agent.pipeline.outputs.nats import NatsConfig
+    from agent.service.process import open_outputs
+
+    cams = [{"id": "a", "url": "x.mp4"}]
+    out = [{"type": "nats", "site": "hq", "user": "edge", "password": {"env": "NATS_PW"}, "stream": {"replicas": 3}},
+           {"type": "mqtt", "username": "nvr", "password": {"credential": "mqtt-password"}}]
+    cfg = parse_config({"cameras": cams, "outputs": out})
+    nats_cfg, mqtt_cfg = cfg.output_configs()
+    assert isinstance(nats_cfg, NatsConfig) and nats_cfg.stream.replicas == 3 and nats_cfg.password.env == "NATS_PW"
+    assert isinstance(mqtt_cfg, MqttConfig) and mqtt_cfg.password.credential == "mqtt-password"
+    for bad, why in [({"type": "nats", "user": "u", "password": "in-clear"}, "password"),
+                     ({"type": "nats", "servers": ["nats://10.1.2.3:4222"]}, "unencrypted"),
+                     ({"type": "nats", "site": "a.b"}, "one subject token"),
+                     ({"type": "mqtt", "host": "nvr.lan"}, "unencrypted"),
+                     ({"type": "kafka"}, "type")]:
+        with pytest.raises(Exception, match=why):
+            parse_config({"cameras": cams, "outputs": [bad]})
+    monkeypatch.delenv("NATS_PW", raising=False)
+    with pytest.raises(ValueError, match="outputs nats: password: the environment variable NATS_PW is unset"):
+        open_outputs([nats_cfg])  # read at start, before anything connects
