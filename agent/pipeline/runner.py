@@ -23,6 +23,7 @@ from typing import IO
 
 from agent.common.fr_spec import FRSpec
 from agent.pipeline.align import align, context_crop
+from agent.pipeline.cadence import Cadence
 from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import Scorer
 from agent.pipeline.select import Candidate, Gate, SelectionConfig, Selector, TokenBucket
@@ -130,6 +131,7 @@ class CameraWorker(threading.Thread):
                 raise ValueError(f"camera {cam.id}: needs a url or an upstream input")
             self.source = VideoSource(cam.url, cam.id, cam.source)
             self.detector = make_detector(cam.detector)
+        self.cadence = Cadence(cam.detect_every, cam.detector.idle_every_s, cam.detector.motion_area)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -205,7 +207,8 @@ class CameraWorker(threading.Thread):
     def _frame(self, frame: Frame, upstream_tracks: list[TrackedFace] | None, trackers: dict) -> None:
         self.frames += 1
         if upstream_tracks is None:
-            if (frame.index % self.cam.detect_every) != 0:
+            open_tracks = trackers.get(frame.camera)
+            if not self.cadence.due(frame.index, frame.pts, frame.image, bool(open_tracks and open_tracks.tracks)):
                 return
             t = time.perf_counter()
             dets = self.detector.detect(frame.image)
@@ -395,7 +398,8 @@ class Pipeline:
         cands = [i for i in items if isinstance(i, Candidate)]
         if cands:
             t = time.perf_counter()
-            scored = self.scorer.score([c.crop for c in cands], [c.det.score for c in cands])
+            scored = self.scorer.score([c.crop for c in cands], [c.det.score for c in cands],
+                                       [c.det.size for c in cands])
             for c, s in zip(cands, scored, strict=True):
                 c.scored = s
             self.times.add("score", time.perf_counter() - t, len(cands))
