@@ -184,8 +184,22 @@ def cmd_subscribe(args) -> int:
         return cmd_subscribe_nats(args)
     from agent.cli.subscribe import subscribe
 
-    n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
-                  server_public_key=args.server_key, client_secret_key=args.client_key)
+    view, stop = None, None
+    if args.view:
+        from agent.cli.subscribe import serve_view
+
+        try:
+            view, stop = serve_view(args.view, args.view_token_env, args.view_allow_plaintext)
+        except (ValueError, OSError) as e:
+            log.error("--view %s: %s", args.view, e)
+            return 2
+    try:
+        n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
+                      server_public_key=args.server_key, client_secret_key=args.client_key,
+                      on_message=view.add if view is not None else None)
+    finally:
+        if stop is not None:
+            stop()
     log.info("%d messages received", n)
     return 0 if n or args.count is None else 1
 
@@ -373,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["sub", "pull"], default="sub", help="pull for a publisher in push mode")
     p.add_argument("--server-key", type=Path, help="the publisher's public .key file (CURVE)")
     p.add_argument("--client-key", type=Path, help="this client's .key_secret file (CURVE, mode 0600)")
+    p.add_argument("--view", nargs="?", const="127.0.0.1:9109", metavar="HOST:PORT",
+                   help="ZeroMQ: show the received shots on the live page at http://HOST:PORT/ (default "
+                        "127.0.0.1:9109)")
+    p.add_argument("--view-token-env", help="--view: environment variable holding the page's token (required off "
+                   "loopback; HTTP basic auth password or Bearer)")
+    p.add_argument("--view-allow-plaintext", action="store_true",
+                   help="--view: serve faces over plain HTTP to other machines (with a token)")
     p.add_argument("--stream", default="BESTSHOT", help="NATS: the stream")
     p.add_argument("--durable", default="bestshot-subscribe", help="NATS: the durable consumer's name (kept on "
                    "the server: a restart goes on where the last run acked)")

@@ -1,4 +1,5 @@
-"""Receiving best shots: a SUB (or PULL) consumer that writes one JSON line per shot and can save its files."""
+"""Receiving best shots: a SUB (or PULL) consumer that writes one JSON line per shot, can save its files and can show
+them on the live page (`--view`, agent/service/live.py) as the agent itself does."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import zmq
 
 from agent.common.keys import check_secret_file, load_public_key
 from agent.pipeline.outputs.zeromq import TOPIC_PREFIX, Message, decode
+from agent.service.live import LiveView, exposure_problems, read_token
+from agent.service.metrics import serve
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,15 @@ def save(msg: Message, out_dir: Path) -> dict[str, str]:
 def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = None, timeout_s: float | None = None,
               topic: str = TOPIC_PREFIX, write_line: Callable[[str], None] = _stdout_line,
               mode: Literal["sub", "pull"] = "sub", context: zmq.Context | None = None,
-              server_public_key: Path | None = None, client_secret_key: Path | None = None) -> int:
+              server_public_key: Path | None = None, client_secret_key: Path | None = None,
+              on_message: Callable[[Message], None] | None = None) -> int:
     """Connect to a publisher and handle shots until `count` arrived, `timeout_s` passed without any message,
     or Ctrl-C. Each shot becomes one JSON line (its metadata, plus "files" when saved under out_dir).
     Corrupt messages are logged and skipped. Returns the number of shots handled.
 
     CURVE: `server_public_key` (the publisher's .key file) and `client_secret_key` (this client's .key_secret file,
-    mode 0600, whose public key the publisher's allow-list holds). A refused client just receives nothing."""
+    mode 0600, whose public key the publisher's allow-list holds). A refused client just receives nothing.
+    on_message: also given each shot (the live page's LiveView.add)."""
     if mode not in ("sub", "pull"):
         raise ValueError(f"mode {mode!r}: expected 'sub' or 'pull'")
     if (server_public_key is None) != (client_secret_key is None):
@@ -118,6 +123,8 @@ def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = No
                 continue
             if not msg.topic.startswith(topic):  # PULL has no topic filter of its own
                 continue
+            if on_message is not None:
+                on_message(msg)
             line = dict(msg.meta)
             if out_dir is not None:
                 try:
@@ -132,3 +139,23 @@ def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = No
     finally:
         sock.close()
     return received
+
+
+def serve_view(listen: str, token_env: str | None = None, allow_plaintext: bool = False,
+               history: int = 20) -> tuple[LiveView, Callable[[], None]]:
+    """The live page for shots received from other agents, on HOST:PORT `listen`: the view to feed and the function
+    that stops it. Off loopback it needs a token (from the environment variable `token_env`) and allow_plaintext, as
+    the agent's page does. ValueError when it may not listen there or the token is missing; OSError when it cannot."""
+    problems = exposure_problems(listen, token_env is not None, allow_plaintext, where="--view")
+    if problems:
+        raise ValueError("; ".join(problems))
+    view = LiveView(history, token=read_token(env=token_env) if token_env else None).start()
+    server = serve(listen, None, None, pages=view, max_connections=32 + view.max_pages)  # a page holds one
+
+    def stop() -> None:
+        view.close()
+        server.shutdown()
+        server.server_close()
+
+    log.info("live page of the received shots: http://%s:%d/", *server.server_address[:2])
+    return view, stop

@@ -43,7 +43,9 @@ function recognisable(m) {
 function tile(m) {
   const t = el("div", `tile ${m.status}`);
   t.dataset.seq = m.seq;
+  t.dataset.camera = m.camera;
   t.dataset.track = m.track_id;
+  t.dataset.frame = m.frame_index;
   const imgs = el("div", "imgs");
   imgs.append(image(m.seq, "face"), image(m.seq, "context"));
   t.append(imgs, fields([
@@ -102,8 +104,8 @@ function render() {
     `${cams.length} camera(s), ${total} shot(s) kept (last ${view.history} per camera)`;
 }
 
-function table(head, rows) {
-  const t = el("table");
+function table(cls, head, rows) {
+  const t = el("table", cls);
   const tr = el("tr");
   for (const h of head) tr.append(el("th", null, h));
   t.append(tr);
@@ -129,12 +131,16 @@ function renderDetail() {
       ["frames", `${m.frames_seen} seen / ${m.frames_scored} scored`], ["face", (m.face_size || []).join("×")],
       ["model", m.model_id]]));
   if (x.top_k) {
+    const diverse = new Set((x.shots || []).map((s) => s.frame_index));
+    const why = (k, i) => (k.frame_index === m.frame_index ? "best quality: the published shot"
+      : diverse.has(k.frame_index) ? `diverse shot (DiffProb), rank ${i + 1} by quality`
+        : `rank ${i + 1} by quality: in the template's pool`);
     d.append(el("h3", null, `Top ${x.top_k.length} frames by quality (the pool for the template and the shots)`),
-      table(["frame", "pts", "quality", "why kept"], x.top_k.map((k, i) => [k.frame_index, num(k.pts, 2),
-        num(k.quality), k.frame_index === m.frame_index ? "best: published" : `rank ${i + 1} by quality`])));
+      table("top-k", ["frame", "pts", "quality", "why kept"], x.top_k.map((k, i) => [k.frame_index, num(k.pts, 2),
+        num(k.quality), why(k, i)])));
   }
   if (x.shots) {
-    d.append(el("h3", null, "Diverse shots (DiffProb)"), table(["frame", "quality", "ERS", "why kept"],
+    d.append(el("h3", null, "Diverse shots (DiffProb)"), table("diverse", ["frame", "quality", "ERS", "why kept"],
       x.shots.map((s) => [s.frame_index, num(s.quality), num(s.ers), "diverse: no better near-duplicate"])));
   }
   if (x.identity_switch_suspects) {
@@ -142,10 +148,10 @@ function renderDetail() {
   }
   const gated = Object.entries(x.gated || {});
   d.append(el("h3", null, "Frames of this track not scored"), gated.length
-    ? table(["reason", "frames"], gated.map(([k, n]) => [GATED[k] || k, n]))
+    ? table("gated", ["reason", "frames"], gated.map(([k, n]) => [GATED[k] || k, n]))
     : el("p", "empty gated-none", x.gated ? "none" : "not known (an update, or an older agent)"));
   if (x.cues) {
-    d.append(el("h3", null, "Quality cues"), table(["cue", "value"],
+    d.append(el("h3", null, "Quality cues"), table("cues", ["cue", "value"],
       Object.entries(x.cues).map(([k, v]) => [k, num(v)])));
   }
 }
