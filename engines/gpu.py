@@ -1,4 +1,5 @@
-"""The GPU as TensorRT sees it: name and compute capability (pycuda, else nvidia-smi), the primary context.
+"""The GPU as TensorRT sees it: name, compute capability, SM count and memory (pycuda, else nvidia-smi), the
+primary context.
 
 Engine building (trt_build) and the TensorRT runtime (agent.backends.tensorrt) both need these; pycuda is imported
 lazily, so this module loads on machines without it.
@@ -21,17 +22,24 @@ class GpuUnavailable(RuntimeError):
 class GpuInfo:
     name: str
     compute_capability: str  # "9.0"
+    sm_count: int | None = None  # streaming multiprocessors (nvidia-smi cannot tell)
+    memory_mb: int | None = None  # total device memory, MiB
 
 
 def parse_nvidia_smi(text: str) -> GpuInfo:
-    """The first line of `nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`."""
+    """The first line of `nvidia-smi --query-gpu=name,compute_cap[,memory.total] --format=csv,noheader,nounits`."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         raise GpuUnavailable("no GPU: nvidia-smi lists no device")
-    name, _, cc = lines[0].rpartition(",")
-    if not name or not cc.strip().replace(".", "").isdigit():
+    head, _, last = lines[0].rpartition(",")
+    memory = None
+    if last.strip().isdigit():  # memory.total
+        memory = int(last)
+        head, _, last = head.rpartition(",")
+    name, cc = head.strip(), last.strip()
+    if not name or not cc.replace(".", "").isdigit():
         raise GpuUnavailable(f"no GPU: cannot read nvidia-smi's answer {lines[0]!r}")
-    return GpuInfo(name.strip(), cc.strip())
+    return GpuInfo(name, cc, None, memory)
 
 
 def gpu_info() -> GpuInfo:
@@ -42,7 +50,7 @@ def gpu_info() -> GpuInfo:
         smi = shutil.which("nvidia-smi")
         if smi is None:
             raise GpuUnavailable(f"no GPU (pycuda: {e}; no nvidia-smi)") from e
-        done = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+        done = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
                               capture_output=True, text=True, timeout=30)
         if done.returncode:
             raise GpuUnavailable(f"no GPU: nvidia-smi failed: {done.stderr.strip() or done.stdout.strip()}") from e
@@ -53,7 +61,8 @@ def gpu_info() -> GpuInfo:
             raise GpuUnavailable("no GPU: the CUDA driver sees no device")
         dev = cuda.Device(0)
         major, minor = dev.compute_capability()
-        return GpuInfo(dev.name(), f"{major}.{minor}")
+        sms = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
+        return GpuInfo(dev.name(), f"{major}.{minor}", int(sms), int(dev.total_memory()) >> 20)
     except cuda.Error as e:
         raise GpuUnavailable(f"no GPU (CUDA driver: {e})") from e
 

@@ -1,27 +1,28 @@
-"""TensorRT engines for the FR pair: a dense engine and a 2:4-sparse engine (sparse weights enabled).
+"""TensorRT engines for the FR pair, split at the branch point (engines/split.py): a dense engine (the dense
+model, with the branch-start activations as a second output) and a branch engine (the pruned branch alone,
+2:4 sparse weights enabled) that reads the dense engine's output buffer on the device.
 
-Layout (beside the prepared ONNX, see engines/prepare.py):
-    fr/<name>-<sha12>/engines/dense-<precision>.plan + .json (manifest) + .layers.json (inspector)
-    fr/<name>-<sha12>/<recipe>/engines/sparse-<precision>.plan + .json + .layers.json
-    trt/timing-<trt version>-sm<cc>.cache       (timing cache shared by every build on that GPU)
+Layout (beside the prepared ONNX, see engines/prepare.py; both depend on the recipe, which sets the split point):
+    fr/<name>-<sha12>/<recipe>/engines/dense-fp16.plan + .json (manifest) + .layers.json (inspector)
+    fr/<name>-<sha12>/<recipe>/engines/branch-fp16.plan + .json + .layers.json
+    trt/timing-<trt version>-sm<cc>.cache       (timing cache shared by every build on that GPU model)
 
-The manifest holds the cache key (TensorRT version, GPU name and compute capability, model, ONNX sha256,
-recipe, precision, typing, batch profile). A mismatch rebuilds, or in a read-only deployment raises
+The manifest holds the cache key (TensorRT version, GPU name, compute capability, SM count and memory (Orin
+modules share one name), model, split graphs, recipe, precision, typing, batch profile) and records the split
+point and which branch layers run sparse kernels. A mismatch rebuilds, or in a read-only deployment raises
 EngineMismatch naming what differs. Builds run under a file lock, so two processes never build the same
 engine: the second waits and reuses the first one's plan.
 
-TensorRT APIs (written to NVIDIA's documented Python API; see docs/GPU.md for what ran where):
-- 10.x (JetPack 6 ships 10.3): `builder.create_network(0)` (explicit batch is implicit in 10.x), weak
-  typing with `BuilderFlag.FP16` (and `INT8` + an IInt8EntropyCalibrator2) on the FP32 ONNX.
-- 11.x: every network is strongly typed (the precision flags and implicit INT8 calibration are gone), so
-  the builder gets the FP16 ONNX from engines/fp16.py.
-Both: `SPARSE_WEIGHTS` for the twin, a dynamic-batch optimisation profile, `set_memory_pool_limit`,
-a persisted ITimingCache, ProfilingVerbosity.DETAILED so that the engine inspector shows the tactics.
+TensorRT APIs (written to NVIDIA's documented Python API; see docs/GPU.md for what ran where): strongly typed
+networks (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`, 10.3 and later) built from the FP16 export
+(engines/fp16.py), so the L2 tail it keeps in FP32 stays FP32 (a weakly typed FP16 build may run it in FP16);
+`typing: weak` (`BuilderFlag.FP16` on the FP32 ONNX) remains for 10.x. `SPARSE_WEIGHTS` for the branch, a
+dynamic-batch optimisation profile, `set_memory_pool_limit`, a persisted ITimingCache (its `set_timing_cache`
+and `combine` results checked), ProfilingVerbosity.DETAILED so that the engine inspector shows the tactics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -31,18 +32,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from agent.common.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
+from engines.gpu import GpuInfo
 from engines.prepare import PreparedFR
+from engines.split import SPLIT_VERSION, Split, split_pair
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: split engines (dense + branch)
 FP16_EXPORT_VERSION = 1  # bump when engines/fp16.py changes what it writes
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = ("fp16",)  # INT8 needs calibration crops no caller had: removed (docs/GPU.md)
 TYPINGS = ("auto", "weak", "strong")
-KINDS = ("dense", "sparse")
+KINDS = ("dense", "branch")
 Progress = Callable[[str], None]
 
 
@@ -76,7 +77,7 @@ class Profile:
 class EngineOptions:
     precision: str = "fp16"
     profile: Profile = field(default_factory=Profile)
-    typing: str = "auto"  # auto = weak on TensorRT 10, strong on 11+
+    typing: str = "auto"  # auto = strong (the FP16 export decides each tensor's type); weak: TensorRT 10.x only
     workspace_mb: int = 2048
     read_only: bool = False  # never build: refuse (EngineMismatch) when the engine is missing or stale
 
@@ -103,35 +104,32 @@ def trt_major(version: str) -> int:
 def resolve_typing(opts: EngineOptions, trt_version: str) -> str:
     """'weak' (precision flags on the FP32 ONNX) or 'strong' (the FP16 ONNX decides), checked against TensorRT."""
     major = trt_major(trt_version)
-    typing = opts.typing if opts.typing != "auto" else ("strong" if major >= 11 else "weak")
+    typing = "strong" if opts.typing == "auto" else opts.typing
     if typing == "weak" and major >= 11:
         raise EngineError(f"TensorRT {trt_version} has no weakly typed networks (removed in 11.0): use typing auto")
-    if opts.precision == "int8" and typing == "strong":
-        raise EngineError(
-            f"INT8 needs implicit calibration (weak typing, TensorRT 10.x); TensorRT {trt_version} with strong "
-            "typing only takes explicitly quantised (Q/DQ) ONNX, which bestshot does not produce: use fp16"
-        )
     return typing
 
 
-def engine_fields(prepared: PreparedFR, kind: str, opts: EngineOptions, trt_version: str, gpu_name: str,
-                  compute_capability: str) -> dict:
-    """The cache key of one engine: everything that makes a plan valid or not for this run."""
+def engine_fields(prepared: PreparedFR, kind: str, opts: EngineOptions, trt_version: str, gpu: GpuInfo) -> dict:
+    """The cache key of one engine: everything that makes a plan valid or not for this run. The GPU is its name,
+    compute capability, SM count and memory: every Jetson Orin module reports the same name."""
     typing = resolve_typing(opts, trt_version)
-    man = prepared.manifest
     return {
         "manifest_version": MANIFEST_VERSION,
         "kind": kind,
         "model": prepared.spec.name,
-        "recipe": str(prepared.recipe) if kind == "sparse" else None,
-        "onnx_sha256": man["twin_sha256"] if kind == "sparse" else man["dense_sha256"],
+        "recipe": str(prepared.recipe),
+        "pair_sha256": prepared.manifest["pair_sha256"],
+        "split": SPLIT_VERSION,
         "fp16_export": FP16_EXPORT_VERSION if typing == "strong" else None,
         "precision": opts.precision,
         "typing": typing,
         "profile": [opts.profile.min, opts.profile.opt, opts.profile.max],
         "tensorrt": trt_version,
-        "gpu": gpu_name,
-        "compute_capability": compute_capability,
+        "gpu": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "sm_count": gpu.sm_count,
+        "memory_mb": gpu.memory_mb,
     }
 
 
@@ -144,8 +142,7 @@ def mismatches(manifest: dict | None, fields: dict) -> list[str]:
 
 
 def plan_path(prepared: PreparedFR, kind: str, precision: str) -> Path:
-    onnx_path = prepared.twin if kind == "sparse" else prepared.dense
-    return onnx_path.parent / "engines" / f"{kind}-{precision}.plan"
+    return prepared.dir / "engines" / f"{kind}-{precision}.plan"
 
 
 def ensure_engine(plan: Path, fields: dict, read_only: bool,
@@ -295,47 +292,18 @@ def _progress_monitor(trt, progress: Progress):
     return Monitor()
 
 
-def _calibrator(trt, faces: np.ndarray, batch: int, cache: Path):
-    """IInt8EntropyCalibrator2 over preprocessed face crops (TensorRT 10.x only; removed in 11)."""
-    import pycuda.driver as cuda
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.index = 0
-            self.device = cuda.mem_alloc(np.ascontiguousarray(faces[:batch], np.float32).nbytes)
-
-        def get_batch_size(self) -> int:
-            return batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.index + batch > len(faces):
-                return None
-            cuda.memcpy_htod(self.device, np.ascontiguousarray(faces[self.index:self.index + batch], np.float32))
-            self.index += batch
-            return [int(self.device)]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache.read_bytes() if cache.is_file() else None
-
-        def write_calibration_cache(self, data) -> None:
-            atomic_write(cache, lambda p: p.write_bytes(bytes(data)))
-
-    return Calibrator()
-
-
-def timing_cache_path(trt_version: str, compute_capability: str, root: Path | None = None) -> Path:
-    return (root or cache_root()) / "trt" / f"timing-{trt_version}-sm{compute_capability.replace('.', '')}.cache"
+def timing_cache_path(trt_version: str, gpu: GpuInfo, root: Path | None = None) -> Path:
+    """Timings are per GPU model: keyed like the engines (compute capability, SM count, memory)."""
+    cc = gpu.compute_capability.replace(".", "")
+    return (root or cache_root()) / "trt" / f"timing-{trt_version}-sm{cc}-{gpu.sm_count}sm-{gpu.memory_mb}mb.cache"
 
 
 def build_plan(onnx_path: Path, kind: str, opts: EngineOptions, typing: str, out_dir: Path, timing_cache: Path,
-               progress: Progress, calib: np.ndarray | None = None) -> tuple[bytes, dict]:
+               progress: Progress) -> tuple[bytes, dict]:
     """Build one serialized engine from `onnx_path`; returns the plan and the manifest's build facts.
 
-    `out_dir` (the engines folder) receives the inspector's layer JSON and the INT8 calibration cache."""
+    `out_dir` (the engines folder) receives the inspector's layer JSON."""
     import tensorrt as trt
-
-    from engines.gpu import cuda_primary_context
 
     t0 = time.monotonic()
     logger = _trt_logger(trt)
@@ -347,78 +315,87 @@ def build_plan(onnx_path: Path, kind: str, opts: EngineOptions, typing: str, out
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    if network.num_inputs != 1:
-        raise EngineError(f"{onnx_path}: the FR model must have one input, has {network.num_inputs}")
-    inp = network.get_input(0)
-    if inp.shape[0] != -1:
-        raise EngineError(f"{onnx_path}: input {inp.name} has a fixed batch size {inp.shape[0]}; need a dynamic one")
-    chw = tuple(int(d) for d in inp.shape[1:])
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    for inp in inputs:
+        if inp.shape[0] != -1:
+            raise EngineError(f"{onnx_path}: input {inp.name} has a fixed batch size {inp.shape[0]}; "
+                              "need a dynamic one")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
-    if kind == "sparse":
+    if kind == "branch":
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, *opts.profile.shapes(chw))
+    for inp in inputs:
+        profile.set_shape(inp.name, *opts.profile.shapes(tuple(int(d) for d in inp.shape[1:])))
     config.add_optimization_profile(profile)
-    if opts.precision == "int8":
-        if calib is None or len(calib) < opts.profile.opt:
-            raise EngineError(f"INT8 needs at least {opts.profile.opt} calibration faces (the profile's opt batch)")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_calibration_profile(profile)
-    previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(previous), False)
+    merge = _load_timing_cache(config, timing_cache)
     monitor = _progress_monitor(trt, progress) if hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:  # the monitor must outlive the build: `monitor` holds it until we return
         config.progress_monitor = monitor
     progress(f"{kind} engine: building ({opts.precision}, {typing} typing, batch "
              f"{opts.profile.min}/{opts.profile.opt}/{opts.profile.max}); this takes minutes")
-    with cuda_primary_context() if opts.precision == "int8" else contextlib.nullcontext():
-        if opts.precision == "int8":  # the calibrator's device buffer needs a current CUDA context
-            calibrator = _calibrator(trt, calib, opts.profile.opt, out_dir / f"{kind}-int8.calib")
-            config.int8_calibrator = calibrator
-        plan = builder.build_serialized_network(network, config)
+    plan = builder.build_serialized_network(network, config)
     if plan is None:
         errors = "; ".join(logger.errors[-3:]) or "no error logged"
         raise EngineError(f"TensorRT could not build the {kind} engine: {errors}")
     data = bytes(plan)
-    _save_timing_cache(trt, config, timing_cache)
+    _save_timing_cache(config, timing_cache, merge)
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(data)
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     layers_json = out_dir / f"{kind}-{opts.precision}.layers.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(layers_json, lambda p: p.write_text(info))
-    extra = {"input": inp.name, "input_chw": list(chw), "onnx": str(onnx_path), "layers_json": str(layers_json),
-             "engine_layers": engine.num_layers, "seconds": round(time.monotonic() - t0, 1)}
-    if kind == "sparse":
+    extra = {"inputs": {i.name: [int(d) for d in i.shape[1:]] for i in inputs}, "onnx": str(onnx_path),
+             "layers_json": str(layers_json), "engine_layers": engine.num_layers,
+             "seconds": round(time.monotonic() - t0, 1)}
+    if kind == "branch":
         from_log = parse_sparsity_log(logger.sparsity)
         inspected = parse_inspector(info)
         extra["sparsity"] = {"inspector": inspected.summary(), "log": from_log.summary() if from_log else None}
-        progress(f"sparse engine: {len(inspected.sparse)} of {len(inspected.eligible)} eligible layers run sparse "
+        progress(f"branch engine: {len(inspected.sparse)} of {len(inspected.eligible)} eligible layers run sparse "
                  f"kernels" + (f" (builder log: {len(from_log.sparse)}/{len(from_log.eligible)})" if from_log else ""))
     progress(f"{kind} engine: built in {extra['seconds']} s")
     return data, extra
 
 
-def _save_timing_cache(trt, config, path: Path) -> None:
-    """Merge this build's timings into the shared cache file (other builds may have added to it meanwhile)."""
+def _load_timing_cache(config, path: Path) -> bool:
+    """Give the build the shared timings (True); a cache TensorRT refuses (another version, corrupt) is replaced by
+    an empty one, with a warning, rather than silently ignored (False)."""
+    previous = path.read_bytes() if path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(previous), False):
+        return True
+    log.warning("TensorRT refused the timing cache %s; building with an empty one (it is replaced afterwards)", path)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        raise EngineError("TensorRT refused an empty timing cache")
+    return False
+
+
+def _save_timing_cache(config, path: Path, merge: bool) -> None:
+    """Merge this build's timings into the shared cache file (other builds may have added to it meanwhile), or
+    replace the file when `merge` is False (TensorRT refused it)."""
     with locked(path):
-        merged = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
-        merged.combine(config.get_timing_cache(), False)
+        merged = config.get_timing_cache()
+        if merge:
+            merged = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        if merge and not merged.combine(config.get_timing_cache(), False):
+            log.warning("TensorRT could not merge into the timing cache %s (another TensorRT or GPU?): replacing it",
+                        path)
+            merged = config.get_timing_cache()
         data = bytes(merged.serialize())
         atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def build_engines(prepared: PreparedFR, opts: EngineOptions | None = None, progress: Progress | None = None,
-                  calib: np.ndarray | None = None, root: Path | None = None) -> dict[str, EngineFile]:
-    """Build (or reuse) the dense and the sparse engine of `prepared` on this machine's GPU.
+                  root: Path | None = None) -> dict[str, EngineFile]:
+    """Build (or reuse) the dense and the branch engine of `prepared` on this machine's GPU.
 
-    `calib`: preprocessed face crops (N, C, H, W) float32 for INT8 calibration. `progress`: one call per
-    console line (default: logging at INFO). Raises EngineError (EngineMismatch when read-only).
+    `progress`: one call per console line (default: logging at INFO). Raises EngineError (EngineMismatch when
+    read-only).
     """
     import tensorrt as trt
 
@@ -431,17 +408,22 @@ def build_engines(prepared: PreparedFR, opts: EngineOptions | None = None, progr
     if float(gpu.compute_capability) < 8.0:
         log.warning("%s (sm%s) has no sparse tensor cores (Ampere, sm80, and later): the sparse engine will run "
                     "dense kernels", gpu.name, gpu.compute_capability)
-    tcache = timing_cache_path(trt.__version__, gpu.compute_capability, root)
+    tcache = timing_cache_path(trt.__version__, gpu, root)
+    split: Split | None = None
     out: dict[str, EngineFile] = {}
     for kind in KINDS:
-        fields = engine_fields(prepared, kind, opts, trt.__version__, gpu.name, gpu.compute_capability)
-        source = prepared.twin if kind == "sparse" else prepared.dense
+        fields = engine_fields(prepared, kind, opts, trt.__version__, gpu)
         plan = plan_path(prepared, kind, opts.precision)
 
-        def build(kind: str = kind, source: Path = source, plan: Path = plan, typing: str = fields["typing"]
-                  ) -> tuple[bytes, dict]:
+        def build(kind: str = kind, plan: Path = plan, typing: str = fields["typing"]) -> tuple[bytes, dict]:
+            nonlocal split
+            split = split or split_pair(prepared.pair)
+            source = split.dense if kind == "dense" else split.branch
             onnx_path = fp16_model_path(source) if typing == "strong" else source
-            return build_plan(onnx_path, kind, opts, typing, plan.parent, tcache, say, calib)
+            data, extra = build_plan(onnx_path, kind, opts, typing, plan.parent, tcache, say)
+            point = {"branch_inputs": split.branch_inputs, "branch_output": split.branch_output,
+                     "pruned_layers": split.sparse_layers}
+            return data, {**extra, "split_point": point}
 
         out[kind] = ensure_engine(plan, fields, opts.read_only, build, say)
     return out
@@ -462,8 +444,8 @@ def engine_report(prepared: PreparedFR, opts: EngineOptions | None = None) -> di
         from engines.gpu import gpu_info
 
         gpu = gpu_info()
-        env: tuple[str, str, str] | None = (trt.__version__, gpu.name, gpu.compute_capability)
-        checked = f"TensorRT {env[0]} on {env[1]} (sm{env[2]})"
+        env: tuple[str, GpuInfo] | None = (trt.__version__, gpu)
+        checked = f"TensorRT {trt.__version__} on {gpu.name} (sm{gpu.compute_capability})"
     except ImportError as e:
         env, checked = None, f"not checked here: no TensorRT ({e})"
     except Exception as e:  # no GPU, no driver: cannot check here

@@ -1,10 +1,15 @@
-"""TensorRT runtime on pycuda: the dense and the sparse engine fed from one upload of the batch.
+"""TensorRT runtime on pycuda: a chain of engines fed from one upload of the batch, on one stream.
 
-One CUDA context (the device's primary context, the one TensorRT's runtime uses), page-locked host buffers
-and device buffers sized for the profile's largest batch, one stream; per batch `set_input_shape`,
-`set_tensor_address` and `execute_async_v3` on each engine. Optionally a CUDA graph per fixed batch size
-(upload, both engines, downloads: one launch). pycuda and tensorrt are imported lazily: this module loads
-on machines without either.
+The first engine reads the uploaded batch; a later engine reads, by tensor name, the uploaded batch or an
+earlier engine's output buffer on the device (the split pair: the dense engine's branch-start activations feed
+the sparse branch engine without a trip to the host). Outputs no later engine reads are downloaded into
+page-locked host buffers; one synchronize per batch. Buffers are sized for the profile's largest batch.
+
+CUDA graphs (`graph_batches`): one per fixed batch size, through cuda-python's cudart bindings
+(agent/backends/cudagraph.py; pycuda has no capture API). Each graph gets its own execution contexts, so eager
+batches of other sizes never change the shapes a graph was captured with; the chain runs once eagerly before
+the capture, and a failed capture falls back to eager launches. pycuda and tensorrt are imported lazily: this
+module loads on machines without either.
 """
 
 from __future__ import annotations
@@ -13,55 +18,59 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agent.backends.base import BackendUnavailable, Forward, PairBase
+from agent.backends.cudagraph import GraphExec, capture
 from engines import gpu
 from engines.prepare import PreparedFR
 from engines.trt_build import EngineError, EngineMismatch, EngineOptions, build_engines
+from engines.twin import STATS
 
 log = logging.getLogger(__name__)
 
 
 class _Engine:
-    """One deserialized engine with its execution context and its page-locked/device output buffers."""
+    """One deserialized engine: its input and output names, per-sample shapes and dtypes, batch range."""
 
     def __init__(self, trt, runtime, plan: Path):
-        import pycuda.driver as cuda
-
+        self.plan = plan
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT cannot deserialize {plan} (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EngineError(f"{plan}: expected one input and one output, found {inputs} -> {outputs}")
-        self.input, self.output = inputs[0], outputs[0]
-        lo, _opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input, 0))
-        self.min_batch, self.max_batch, self.chw = lo[0], hi[0], tuple(hi[1:])
-        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
-        self.context.set_input_shape(self.input, hi)
-        self.h_out = cuda.pagelocked_empty(tuple(self.context.get_tensor_shape(self.output)),
-                                           np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output))))
-        self.d_out = cuda.mem_alloc(self.h_out.nbytes)
-        self.context.set_tensor_address(self.output, int(self.d_out))
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if not self.inputs or not self.outputs:
+            raise EngineError(f"{plan}: needs inputs and outputs, found {self.inputs} -> {self.outputs}")
+        self.dtype = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        hi: dict[str, tuple[int, ...]] = {}
+        lo = 0
+        for n in self.inputs:
+            low, _opt, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+            lo, hi[n] = max(lo, low[0]), high
+        self.min_batch, self.max_batch = lo, min(s[0] for s in hi.values())
+        self.sample = {n: s[1:] for n, s in hi.items()}
+        probe = self.context()
+        for n, s in hi.items():
+            probe.set_input_shape(n, s)
+        self.sample.update({n: tuple(probe.get_tensor_shape(n))[1:] for n in self.outputs})
 
-    def enqueue(self, d_input, n: int, stream) -> None:
-        import pycuda.driver as cuda
+    def context(self):
+        return self.engine.create_execution_context()
 
-        self.context.set_input_shape(self.input, (n, *self.chw))
-        self.context.set_tensor_address(self.input, int(d_input))
-        if not self.context.execute_async_v3(stream.handle):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.output} at batch {n}")
-        cuda.memcpy_dtoh_async(self.h_out[:n], self.d_out, stream)
+
+@dataclass
+class _Buffer:
+    device: object  # pycuda DeviceAllocation
+    host: np.ndarray | None  # page-locked; None for a tensor that stays on the device
 
 
 class TensorRTRunner:
-    """Runs a list of engines on one batch: one upload to a shared device input, one sync at the end."""
+    """Runs a chain of engines on one batch: one upload, device-to-device hand-over by tensor name, one sync."""
 
     def __init__(self, plans: Sequence[Path], graph_batches: Sequence[int] = (), device: int = 0):
         import pycuda.driver as cuda
@@ -76,22 +85,35 @@ class TensorRTRunner:
             self._logger = _trt_logger(trt)
             self._runtime = trt.Runtime(self._logger)
             self.engines = [_Engine(trt, self._runtime, Path(p)) for p in plans]
-            first = self.engines[0]
-            for e in self.engines[1:]:
-                if (e.chw, e.input_dtype) != (first.chw, first.input_dtype):
-                    raise EngineError(f"engines disagree on their input: {first.chw} {first.input_dtype} vs "
-                                      f"{e.chw} {e.input_dtype}")
             self.max_batch = min(e.max_batch for e in self.engines)
             self.min_batch = max(e.min_batch for e in self.engines)
-            self.h_in = cuda.pagelocked_empty((self.max_batch, *first.chw), first.input_dtype)
-            self.d_in = cuda.mem_alloc(self.h_in.nbytes)
+            self.fed = list(self.engines[0].inputs)
+            self.buffers: dict[str, _Buffer] = {}
+            self.results: list[list[str]] = []  # per engine: the outputs downloaded to the host
+            sample = dict(self.engines[0].sample)
+            dtype = dict(self.engines[0].dtype)
+            for i, e in enumerate(self.engines):
+                for n in e.inputs:
+                    if n not in sample or (sample[n], dtype[n]) != (e.sample[n], e.dtype[n]):
+                        raise EngineError(f"{e.plan}: input {n} {e.sample[n]} {e.dtype[n]} is neither the batch nor "
+                                          f"an earlier engine's output of that shape and type")
+                later = {n for f in self.engines[i + 1:] for n in f.inputs}
+                self.results.append([n for n in e.outputs if n not in later])
+                sample.update({n: e.sample[n] for n in e.outputs})
+                dtype.update({n: e.dtype[n] for n in e.outputs})
+            for n in [*self.fed, *(o for e in self.engines for o in e.outputs)]:
+                host = cuda.pagelocked_empty((self.max_batch, *sample[n]), dtype[n])
+                self.buffers[n] = _Buffer(cuda.mem_alloc(host.nbytes),
+                                          host if n in self.fed or any(n in r for r in self.results) else None)
+            self.contexts = [e.context() for e in self.engines]
             self.stream = cuda.Stream()
+        self.sample = sample
         bad = [b for b in graph_batches if not self.min_batch <= b <= self.max_batch]
         if bad:
             raise ValueError(f"CUDA graph batch sizes {bad} are outside the engines' profile "
                              f"{self.min_batch}..{self.max_batch}")
         self.graph_batches = set(graph_batches)
-        self._graphs: dict[int, object] = {}
+        self._graphs: dict[int, tuple[list, GraphExec | None]] = {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -103,42 +125,57 @@ class TensorRTRunner:
         finally:
             cuda.Context.pop()
 
-    def _enqueue_all(self, n: int) -> None:
+    def _enqueue(self, contexts: list, n: int) -> None:
+        """Upload, every engine in order, downloads: all on the stream, nothing waits."""
         import pycuda.driver as cuda
 
-        cuda.memcpy_htod_async(self.d_in, self.h_in[:n], self.stream)
-        for e in self.engines:
-            e.enqueue(self.d_in, n, self.stream)
+        for name in self.fed:
+            buf = self.buffers[name]
+            cuda.memcpy_htod_async(buf.device, buf.host[:n], self.stream)
+        for e, ctx, results in zip(self.engines, contexts, self.results, strict=True):
+            for name in e.inputs:
+                ctx.set_input_shape(name, (n, *e.sample[name]))
+                ctx.set_tensor_address(name, int(self.buffers[name].device))
+            for name in e.outputs:
+                ctx.set_tensor_address(name, int(self.buffers[name].device))
+            if not ctx.execute_async_v3(self.stream.handle):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {e.plan.name} at batch {n}")
+            for name in results:
+                buf = self.buffers[name]
+                cuda.memcpy_dtoh_async(buf.host[:n], buf.device, self.stream)
 
-    def _graph(self, n: int):
-        """A CUDA graph of upload + every engine + downloads at batch n (captured once, on first use)."""
+    def _launch(self, n: int) -> None:
+        if n not in self.graph_batches:
+            self._enqueue(self.contexts, n)
+            return
         if n not in self._graphs:
-            self._enqueue_all(n)  # TensorRT needs one enqueue after a shape change before a capture
+            contexts = [e.context() for e in self.engines]  # the graph's own: its shapes never change
+            self._enqueue(contexts, n)  # TensorRT needs one enqueue after a shape change before a capture
             self.stream.synchronize()
-            self.stream.begin_capture()
-            self._enqueue_all(n)
-            self._graphs[n] = self.stream.end_capture().instantiate()
-            log.info("captured a CUDA graph for batch %d", n)
-        return self._graphs[n]
+            graph = capture(self.stream.handle, lambda: self._enqueue(contexts, n), f"batch {n}")
+            self._graphs[n] = (contexts if graph else [], graph)
+            return  # this batch already ran eagerly
+        graph = self._graphs[n][1]
+        if graph is None:
+            self._enqueue(self.contexts, n)
+        else:
+            graph.launch(self.stream.handle)
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every engine's float32 output for `batch` (split into chunks of at most max_batch)."""
+    def run(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Per engine, its outputs that no later engine reads, float32, for `batch` (chunked at max_batch)."""
         if len(batch) > self.max_batch:
             parts = [self.run(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-            return [np.concatenate(p) for p in zip(*parts, strict=True)]
+            return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(parts[0]))]
         n = len(batch)
         if n < self.min_batch:
             raise ValueError(f"batch {n} is below the engines' minimum {self.min_batch}")
+        if len(self.fed) != 1:
+            raise EngineError(f"the first engine has {len(self.fed)} inputs; bestshot feeds one batch")
         with self._lock, self.active():
-            self.h_in[:n] = batch
-            if n in self.graph_batches:
-                for e in self.engines:  # keep each context's shapes those the graph was captured with
-                    e.context.set_input_shape(e.input, (n, *e.chw))
-                self._graph(n).launch(self.stream)
-            else:
-                self._enqueue_all(n)
+            self.buffers[self.fed[0]].host[:n] = batch
+            self._launch(n)
             self.stream.synchronize()
-            return [e.h_out[:n].astype(np.float32) for e in self.engines]
+            return [{k: self.buffers[k].host[:n].astype(np.float32) for k in r} for r in self.results]
 
 
 class TensorRTBackend:
@@ -148,25 +185,32 @@ class TensorRTBackend:
 
     def __init__(self, plan: Path, graph_batches: Sequence[int] = ()):
         self.runner = TensorRTRunner([plan], graph_batches)
-        self.input_name = self.runner.engines[0].input
-        self.output_names = [self.runner.engines[0].output]
+        self.input_name = self.runner.fed[0]
+        self.output_names = list(self.runner.results[0])
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return {self.output_names[0]: self.runner.run(batch)[0]}
+        return self.runner.run(batch)[0]
 
 
 class TensorRTPair(PairBase):
-    """EmbeddingPair on the dense and the sparse engine: one upload, both engines, one sync (no activation
-    statistics: the selection score falls back to its form without them)."""
+    """EmbeddingPair on the split engines: the dense engine (embedding, activation statistics and the branch-start
+    activations, kept on the device) feeds the 2:4-sparse branch engine; one upload, one sync."""
 
     name = "tensorrt"
 
-    def __init__(self, dense: Path, sparse: Path, graph_batches: Sequence[int] = ()):
-        self.runner = TensorRTRunner([dense, sparse], graph_batches)
+    def __init__(self, dense: Path, branch: Path, graph_batches: Sequence[int] = ()):
+        self.runner = TensorRTRunner([dense, branch], graph_batches)
+        dense_out, branch_out = self.runner.results
+        embedding = [n for n in dense_out if not n.startswith(STATS)]
+        if len(embedding) != 1 or len(branch_out) != 1:
+            raise EngineError(f"split engines: expected one dense embedding and one branch output, found "
+                              f"{dense_out} and {branch_out}")
+        self.embedding = embedding[0]
 
     def forward(self, batch: np.ndarray) -> Forward:
-        dense, twin = self.runner.run(batch)
-        return Forward(dense, twin)
+        dense, branch = self.runner.run(batch)
+        (twin,) = branch.values()
+        return Forward(dense[self.embedding], twin, {k: v for k, v in dense.items() if k != self.embedding})
 
 
 def tensorrt_pair(prepared: PreparedFR, opts: EngineOptions | None = None,
@@ -179,7 +223,7 @@ def tensorrt_pair(prepared: PreparedFR, opts: EngineOptions | None = None,
     try:
         import pycuda.driver  # noqa: F401
     except ImportError as e:
-        raise BackendUnavailable(f"no pycuda ({e}); install the `gpu` extra") from e
+        raise BackendUnavailable(f"no pycuda ({e}); install the `gpu-cu12` or `gpu-cu13` extra") from e
     try:
         gpu.gpu_info()
     except gpu.GpuUnavailable as e:
@@ -191,6 +235,6 @@ def tensorrt_pair(prepared: PreparedFR, opts: EngineOptions | None = None,
     except Exception as e:  # any build failure falls through to the next backend
         raise BackendUnavailable(f"engine build failed: {e}", failed=True) from e
     try:
-        return TensorRTPair(files["dense"].plan, files["sparse"].plan, graph_batches)
+        return TensorRTPair(files["dense"].plan, files["branch"].plan, graph_batches)
     except Exception as e:
         raise BackendUnavailable(f"TensorRT runtime failed: {e}", failed=True) from e

@@ -231,35 +231,43 @@ def _gpu_memory_used_mb() -> float | None:
 
 def bench_score_gpu(prepared: PreparedFR, backend: str = "tensorrt", batches: Sequence[int] = (1, 8, 32, 128),
                     faces: int = 2048, opts: EngineOptions | None = None) -> dict:
-    """`bestshot bench score --backend tensorrt|onnxruntime-cuda`: faces/s of dense, sparse (twin) and the pair
-    at each batch size, the sparse/dense time ratio, and the GPU memory in use once the models are loaded."""
+    """`bestshot bench score --backend tensorrt|onnxruntime-cuda`: faces/s of the dense model alone and of the pair
+    (dense + quality) at each batch size, the quality's share of the time, and the GPU memory each configuration
+    uses. Configurations are loaded one at a time (each released before the next), so an 8 GB Orin holds one
+    and the memory figures are each its own."""
+    import gc
+
     from agent.backends.pairs import build_pair
 
-    rng = np.random.default_rng(0)
-    spec = prepared.spec
     if backend == "tensorrt":
         base = opts or EngineOptions()
         opts = EngineOptions(base.precision, Profile(1, base.profile.opt, max(base.profile.max, *batches)),
                              base.typing, base.workspace_mb, base.read_only)
         files = build_engines(prepared, opts)
-        dense = TensorRTBackend(files["dense"].plan).run
-        sparse = TensorRTBackend(files["sparse"].plan).run
-        pair = TensorRTPair(files["dense"].plan, files["sparse"].plan).embed
+        configs = {"dense": lambda: TensorRTBackend(files["dense"].plan).run,
+                   "pair": lambda: TensorRTPair(files["dense"].plan, files["branch"].plan).embed}
     elif backend == "onnxruntime-cuda":
         from agent.backends.onnxruntime import OnnxRuntimeCudaBackend
         from engines.fp16 import fp16_model_path
 
-        dense = OnnxRuntimeCudaBackend(fp16_model_path(prepared.dense)).run
-        sparse = OnnxRuntimeCudaBackend(fp16_model_path(prepared.twin)).run
-        pair = build_pair(prepared, "trunk", backend="onnxruntime-cuda").embed
+        configs = {"dense": lambda: OnnxRuntimeCudaBackend(fp16_model_path(prepared.dense)).run,
+                   "pair": lambda: build_pair(prepared, "trunk", backend="onnxruntime-cuda").embed}
     else:
         raise ValueError(f"bench_score_gpu: backend {backend!r} is not a GPU backend")
-    rows = []
-    for b in batches:
-        x = rng.normal(size=(b, 3, spec.input_size, spec.input_size)).astype(np.float32)
-        runs = (("dense", dense), ("sparse", sparse), ("pair", pair))
-        ms = {k: _time(fn, x, faces, warmup=3, min_reps=5) for k, fn in runs}
-        rows.append({"batch": b, **{f"{k}_faces_per_s": round(1000.0 / v, 1) for k, v in ms.items()},
-                     "sparse_over_dense_time": round(ms["sparse"] / ms["dense"], 3)})
-        log.info("batch %d: %s", b, rows[-1])
-    return {"backend": backend, "gpu": gpu_info().name, "gpu_memory_used_mb": _gpu_memory_used_mb(), "rows": rows}
+    size = prepared.spec.input_size
+    xs = {b: np.random.default_rng(b).normal(size=(b, 3, size, size)).astype(np.float32) for b in batches}
+    ms: dict[str, dict[int, float]] = {}
+    memory: dict[str, float | None] = {}
+    before = _gpu_memory_used_mb()
+    for name, make in configs.items():
+        fn = make()
+        memory[name] = _gpu_memory_used_mb()
+        ms[name] = {b: _time(fn, x, faces, warmup=3, min_reps=5) for b, x in xs.items()}
+        del fn
+        gc.collect()
+        log.info("%s: %s", name, {b: round(1000.0 / v, 1) for b, v in ms[name].items()})
+    rows = [{"batch": b, "dense_faces_per_s": round(1000.0 / ms["dense"][b], 1),
+             "pair_faces_per_s": round(1000.0 / ms["pair"][b], 1),
+             "quality_over_dense_time": round(ms["pair"][b] / ms["dense"][b] - 1.0, 3)} for b in batches]
+    used = {k: None if v is None or before is None else round(v - before, 1) for k, v in memory.items()}
+    return {"backend": backend, "gpu": gpu_info().name, "gpu_memory_mb": used, "rows": rows}

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -47,7 +48,8 @@ from engines.trt_build import (
     timing_cache_path,
 )
 
-ENV = ("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 132, 81559)
+ENV = ("10.3.0", H100)
 
 
 def _quiet(line: str) -> None:
@@ -62,7 +64,7 @@ def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def fake_prepared(tmp_path: Path) -> PreparedFR:
     rdir = tmp_path / "fr" / "facenet-0123456789ab" / "2_4_0.75-1"
     rdir.mkdir(parents=True)
-    man = {"dense_sha256": "d" * 64, "twin_sha256": "t" * 64, "recipe": FACENET_RECIPE}
+    man = {"dense_sha256": "d" * 64, "twin_sha256": "t" * 64, "pair_sha256": "p" * 64, "recipe": FACENET_RECIPE}
     return PreparedFR(FACENET, Recipe.parse(FACENET_RECIPE), rdir.parent / "dense.onnx", rdir / "twin.onnx",
                       rdir / "pair.onnx", man, rdir)
 
@@ -81,19 +83,18 @@ def test_profile_validation_and_shapes():
 def test_engine_options_validation():
     with pytest.raises(ValueError, match="precision 'fp8'"):
         EngineOptions(precision="fp8")
+    with pytest.raises(ValueError, match="precision 'int8'"):  # no caller had calibration crops: removed
+        EngineOptions(precision="int8")
     with pytest.raises(ValueError, match="typing"):
         EngineOptions(typing="loose")
 
 
-def test_typing_follows_the_tensorrt_version():
-    assert resolve_typing(EngineOptions(), "10.3.0") == "weak"  # JetPack 6
+def test_typing_is_strong_unless_asked_on_tensorrt_10():
+    assert resolve_typing(EngineOptions(), "10.3.0") == "strong"  # JetPack 6: the FP32 L2 tail stays FP32
     assert resolve_typing(EngineOptions(), "11.3.0") == "strong"
-    assert resolve_typing(EngineOptions(typing="strong"), "10.3.0") == "strong"
-    assert resolve_typing(EngineOptions(precision="int8"), "10.3.0") == "weak"
+    assert resolve_typing(EngineOptions(typing="weak"), "10.3.0") == "weak"
     with pytest.raises(EngineError, match="no weakly typed networks"):
         resolve_typing(EngineOptions(typing="weak"), "11.0.1")
-    with pytest.raises(EngineError, match="INT8 needs implicit calibration"):
-        resolve_typing(EngineOptions(precision="int8"), "11.3.0")
 
 
 # --- cache key and manifest -------------------------------------------------------------------------------------
@@ -101,29 +102,38 @@ def test_typing_follows_the_tensorrt_version():
 
 def test_engine_fields_key_everything_that_invalidates_a_plan(fake_prepared):
     dense = engine_fields(fake_prepared, "dense", EngineOptions(), *ENV)
-    sparse = engine_fields(fake_prepared, "sparse", EngineOptions(), *ENV)
-    assert dense["recipe"] is None and dense["onnx_sha256"] == "d" * 64
-    assert sparse["recipe"] == FACENET_RECIPE and sparse["onnx_sha256"] == "t" * 64
-    assert dense["profile"] == [1, 32, 128] and dense["typing"] == "weak" and dense["fp16_export"] is None
-    assert engine_fields(fake_prepared, "dense", EngineOptions(), "11.3.0", *ENV[1:])["fp16_export"] == 1
+    branch = engine_fields(fake_prepared, "branch", EngineOptions(), *ENV)
+    assert dense["recipe"] == branch["recipe"] == FACENET_RECIPE  # the recipe sets the split point: both depend on it
+    assert dense["pair_sha256"] == "p" * 64 and dense["split"] == 1
+    assert dense["profile"] == [1, 32, 128] and dense["typing"] == "strong" and dense["fp16_export"] == 1
+    assert (dense["sm_count"], dense["memory_mb"]) == (132, 81559)
     assert mismatches(None, dense) == ["no engine built yet"]
     assert mismatches(dense, dense) == []
+    orin = GpuInfo("Orin (nvgpu)", "8.7", 16, 62841)  # AGX Orin 64 GB; the NX 16 GB has the same name
     changed = {
-        "tensorrt": engine_fields(fake_prepared, "dense", EngineOptions(), "10.4.0", *ENV[1:]),
-        "gpu": engine_fields(fake_prepared, "dense", EngineOptions(), ENV[0], "Orin (nvgpu)", ENV[2]),
-        "compute_capability": engine_fields(fake_prepared, "dense", EngineOptions(), *ENV[:2], "8.7"),
+        "tensorrt": engine_fields(fake_prepared, "dense", EngineOptions(), "10.4.0", H100),
+        "gpu": engine_fields(fake_prepared, "dense", EngineOptions(), ENV[0], replace(H100, name="Orin (nvgpu)")),
+        "compute_capability": engine_fields(fake_prepared, "dense", EngineOptions(), ENV[0],
+                                            replace(H100, compute_capability="8.7")),
+        "sm_count": engine_fields(fake_prepared, "dense", EngineOptions(), ENV[0], replace(H100, sm_count=114)),
+        "memory_mb": engine_fields(fake_prepared, "dense", EngineOptions(), ENV[0], replace(H100, memory_mb=143771)),
         "profile": engine_fields(fake_prepared, "dense", EngineOptions(profile=Profile(1, 8, 64)), *ENV),
-        "precision": engine_fields(fake_prepared, "dense", EngineOptions(precision="int8"), *ENV),
+        "typing": engine_fields(fake_prepared, "dense", EngineOptions(typing="weak"), *ENV),
     }
     for key, fields in changed.items():
-        diff = mismatches(dense, fields)
+        diff = [d for d in mismatches(dense, fields) if not d.startswith("fp16_export")]
         assert len(diff) == 1 and diff[0].startswith(f"{key}: built for "), diff
-    fake_prepared.manifest["twin_sha256"] = "u" * 64  # another recipe or model: another twin ONNX
-    other = engine_fields(fake_prepared, "sparse", EngineOptions(), *ENV)
-    assert mismatches(sparse, other)[0].startswith("onnx_sha256")
-    assert plan_path(fake_prepared, "dense", "fp16") == fake_prepared.dense.parent / "engines" / "dense-fp16.plan"
-    assert plan_path(fake_prepared, "sparse", "int8") == fake_prepared.dir / "engines" / "sparse-int8.plan"
-    assert timing_cache_path("10.3.0", "8.7", Path("/c")) == Path("/c/trt/timing-10.3.0-sm87.cache")
+    nx = replace(orin, sm_count=8, memory_mb=15656)
+    assert {d.split(":")[0] for d in mismatches(engine_fields(fake_prepared, "dense", EngineOptions(), "10.3.0", orin),
+                                                engine_fields(fake_prepared, "dense", EngineOptions(), "10.3.0", nx))
+            } == {"sm_count", "memory_mb"}
+    fake_prepared.manifest["pair_sha256"] = "u" * 64  # another recipe or model: another pair, another split
+    other = engine_fields(fake_prepared, "branch", EngineOptions(), *ENV)
+    assert mismatches(branch, other)[0].startswith("pair_sha256")
+    assert plan_path(fake_prepared, "dense", "fp16") == fake_prepared.dir / "engines" / "dense-fp16.plan"
+    assert plan_path(fake_prepared, "branch", "fp16") == fake_prepared.dir / "engines" / "branch-fp16.plan"
+    assert timing_cache_path("10.3.0", orin, Path("/c")) == Path("/c/trt/timing-10.3.0-sm87-16sm-62841mb.cache")
+    assert timing_cache_path("10.3.0", nx, Path("/c")) != timing_cache_path("10.3.0", orin, Path("/c"))
 
 
 class Builds:
@@ -139,8 +149,8 @@ class Builds:
 
 
 def test_ensure_engine_builds_reuses_rebuilds_and_refuses_read_only(fake_prepared):
-    plan = plan_path(fake_prepared, "sparse", "fp16")
-    fields = engine_fields(fake_prepared, "sparse", EngineOptions(), *ENV)
+    plan = plan_path(fake_prepared, "branch", "fp16")
+    fields = engine_fields(fake_prepared, "branch", EngineOptions(), *ENV)
     build, lines = Builds(), []
     first = ensure_engine(plan, fields, False, build, lines.append)
     assert build.calls == 1 and plan.read_bytes() == b"plan 1" and first.manifest["tensorrt"] == "10.3.0"
@@ -150,7 +160,7 @@ def test_ensure_engine_builds_reuses_rebuilds_and_refuses_read_only(fake_prepare
     # read-only with a fitting engine: fine
     assert ensure_engine(plan, fields, True, build, lines.append).plan == plan
     # another TensorRT: read-only refuses and says what differs; otherwise it rebuilds
-    newer = engine_fields(fake_prepared, "sparse", EngineOptions(), "10.4.0", *ENV[1:])
+    newer = engine_fields(fake_prepared, "branch", EngineOptions(), "10.4.0", H100)
     with pytest.raises(EngineMismatch, match=r"read-only: tensorrt: built for '10.3.0', this run needs '10.4.0'"):
         ensure_engine(plan, newer, True, build, lines.append)
     assert build.calls == 1
@@ -277,6 +287,7 @@ def test_parse_the_engine_inspector_json():
 
 def test_parse_nvidia_smi():
     assert parse_nvidia_smi("NVIDIA H100 80GB HBM3, 9.0\n") == GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+    assert parse_nvidia_smi("NVIDIA H200, 9.0, 143771\n") == GpuInfo("NVIDIA H200", "9.0", None, 143771)
     assert parse_nvidia_smi("NVIDIA RTX A6000, 8.6\nNVIDIA RTX A6000, 8.6\n").compute_capability == "8.6"
     for bad in ("", "No devices were found"):
         with pytest.raises(GpuUnavailable):
@@ -288,8 +299,8 @@ def test_engine_report_without_tensorrt(fake_prepared, monkeypatch):
     report = engine_report(fake_prepared)
     assert [e["built"] for e in report["engines"]] == [False, False]
     assert report["environment"].startswith("not checked here: no TensorRT")
-    plan = plan_path(fake_prepared, "sparse", "fp16")
-    fields = engine_fields(fake_prepared, "sparse", EngineOptions(), *ENV)
+    plan = plan_path(fake_prepared, "branch", "fp16")
+    fields = engine_fields(fake_prepared, "branch", EngineOptions(), *ENV)
     sparsity = {"inspector": {"source": "engine inspector", "layers_eligible": 10, "layers_sparse": 3,
                               "eligible": [], "sparse": []}, "log": None}
     ensure_engine(plan, fields, False, lambda: (b"plan", {"sparsity": sparsity, "seconds": 200.0}), _quiet)
@@ -458,8 +469,9 @@ class FakeCuda:
 
 
 def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleType:
-    """tensorrt: a builder that logs the (Sparsity) lines and drives the progress monitor as TensorRT does, and
-    engines whose output is (scale x the sum of each input) repeated 5 times (scale 1 dense, 2 sparse)."""
+    """tensorrt: a builder that logs the (Sparsity) lines and drives the progress monitor as TensorRT does, and the
+    split engines: dense `input` (n, 3, 4, 4) -> `embedding` (n, 5), each sample's sum repeated, and the branch start
+    `start` (n, 2) = (sum, sum); branch `start` -> `embedding_twin` (n, 5) = 2 x start[:, 0] repeated."""
     trt = types.ModuleType("tensorrt")
     enum = types.SimpleNamespace
     trt.__version__ = version
@@ -475,18 +487,22 @@ def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleTyp
 
     class Network:
         num_inputs = 1
+        branch = False
 
         def get_input(self, i):
+            if self.branch:
+                return types.SimpleNamespace(name="start", shape=(-1, 2))
             return types.SimpleNamespace(name="input", shape=(-1, 3, 4, 4))
 
     class Parser:
         num_errors = 0
 
         def __init__(self, network, logger):
-            pass
+            self.network = network
 
         def parse_from_file(self, path):
             record["parsed"].append(Path(path).name)
+            self.network.branch = "branch" in Path(path).name
             return True
 
     class OptProfile:
@@ -501,6 +517,7 @@ def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleTyp
 
         def combine(self, other, ignore_mismatch):
             self.entries |= other.entries
+            return True
 
         def serialize(self):
             return b"+".join(sorted(self.entries))
@@ -522,7 +539,10 @@ def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleTyp
             return Cache(bytes(data))
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if b"refused" in cache.entries:  # a cache TensorRT rejects: set_timing_cache returns False
+                return False
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
@@ -552,53 +572,70 @@ def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleTyp
                 self.logger.log(3, "(Sparsity) Layers eligible for sparse math: block8/Conv2d_1x1, b/Conv2d_0b_1x3")
                 self.logger.log(3, "(Sparsity) TRT inference plan picked sparse implementation for layers: "
                                    "block8/Conv2d_1x1")
-            plan = b"sparse" if sparse else b"dense"
+            plan = b"branch" if sparse else b"dense"
             config.cache.entries.add(plan)
             return plan
 
+    shapes = {"input": (3, 4, 4), "start": (2,), "embedding": (5,), "embedding_twin": (5,)}
+
+    def read(ptr: int, n: int, name: str) -> np.ndarray:
+        size = n * int(np.prod(shapes[name]))
+        return cuda.mem[ptr].view(np.float32)[:size].reshape(n, -1)
+
+    def write(ptr: int, y: np.ndarray) -> None:
+        cuda.mem[ptr][: y.nbytes] = y.astype(np.float32).view(np.uint8).ravel()
+
     class Context:
-        def __init__(self, scale):
-            self.scale, self.shape, self.addr = scale, None, {}
+        def __init__(self, io):
+            self.io, self.batch, self.addr = io, None, {}
+            record["contexts"] += 1
 
         def set_input_shape(self, name, shape):
-            self.shape = tuple(shape)
+            assert name == self.io[0] and tuple(shape[1:]) == shapes[name]
+            self.batch = shape[0]
 
         def get_tensor_shape(self, name):
-            return (self.shape[0], 5)
+            return (self.batch, *shapes[name])
 
         def set_tensor_address(self, name, ptr):
             self.addr[name] = int(ptr)
 
         def execute_async_v3(self, stream_handle):
-            n = self.shape[0]
-            x = cuda.mem[self.addr["input"]].view(np.float32)[: n * 48].reshape(n, 48)
-            y = np.repeat(x.sum(1, keepdims=True) * self.scale, 5, axis=1).astype(np.float32)
-            cuda.mem[self.addr["embedding"]][: y.nbytes] = y.view(np.uint8).ravel()
+            n = self.batch
+            x = read(self.addr[self.io[0]], n, self.io[0])
+            if self.io[0] == "input":
+                total = x.sum(1, keepdims=True)
+                write(self.addr["embedding"], np.repeat(total, 5, axis=1))
+                write(self.addr["start"], np.repeat(total, 2, axis=1))
+            else:
+                write(self.addr["embedding_twin"], np.repeat(2 * x[:, :1], 5, axis=1))
+            record["executed"].append((self.io[0], n))
             return True
 
     class Engine:
-        num_io_tensors, num_layers = 2, 4
+        num_layers = 4
 
         def __init__(self, plan):
-            self.scale = 2.0 if plan == b"sparse" else 1.0
+            self.io = ("start", "embedding_twin") if plan == b"branch" else ("input", "embedding", "start")
+            self.num_io_tensors = len(self.io)
 
         def create_engine_inspector(self):
             return types.SimpleNamespace(get_engine_information=lambda fmt: json.dumps(INSPECTOR_10))
 
         def get_tensor_name(self, i):
-            return ("input", "embedding")[i]
+            return self.io[i]
 
         def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if name == "input" else trt.TensorIOMode.OUTPUT
+            return trt.TensorIOMode.INPUT if name == self.io[0] else trt.TensorIOMode.OUTPUT
 
         def get_tensor_profile_shape(self, name, profile):
-            return [(1, 3, 4, 4), (4, 3, 4, 4), (8, 3, 4, 4)]
+            return [(b, *shapes[name]) for b in (1, 4, 8)]
 
         def get_tensor_dtype(self, name):
             return "float"
 
         def create_execution_context(self):
-            return Context(self.scale)
+            return Context(self.io)
 
     class Runtime:
         def __init__(self, logger):
@@ -612,16 +649,20 @@ def fake_tensorrt(version: str, cuda: FakeCuda, record: dict) -> types.ModuleTyp
 
 
 @pytest.fixture
-def fakes(monkeypatch):
-    from engines import gpu
+def fakes(monkeypatch, fake_prepared):
+    from engines import gpu, trt_build
+    from engines.split import Split
 
     cuda = FakeCuda()
-    record = {"parsed": [], "flags": [], "profiles": [], "network_flags": []}
+    record = {"parsed": [], "flags": [], "profiles": [], "network_flags": [], "contexts": 0, "executed": []}
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = cuda.module
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda.module)
-    monkeypatch.setattr(gpu, "gpu_info", lambda: GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    monkeypatch.setattr(gpu, "gpu_info", lambda: H100)
+    rdir = fake_prepared.dir
+    monkeypatch.setattr(trt_build, "split_pair", lambda pair: Split(
+        rdir / "split-dense.onnx", rdir / "split-branch.onnx", ["start"], "embedding_twin", ["twin/MatMul"]))
 
     def use(version: str) -> dict:
         monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, cuda, record))
@@ -630,55 +671,84 @@ def fakes(monkeypatch):
     return cuda, use
 
 
-def test_build_engines_control_flow(fake_prepared, fakes, tmp_path, monkeypatch):
+def test_build_engines_control_flow(fake_prepared, fakes, tmp_path, monkeypatch, caplog):
     from engines import fp16
     from engines.trt_build import build_engines
 
     cuda, use = fakes
     record = use("10.3.0")
     lines: list[str] = []
-    opts = EngineOptions(profile=Profile(1, 4, 8))
+    opts = EngineOptions(profile=Profile(1, 4, 8), typing="weak")
     files = build_engines(fake_prepared, opts, lines.append, root=tmp_path)
-    assert record["parsed"] == ["dense.onnx", "twin.onnx"] and record["network_flags"] == [0, 0]  # weak typing
+    assert record["parsed"] == ["split-dense.onnx", "split-branch.onnx"] and record["network_flags"] == [0, 0]
     assert record["flags"] == [["FP16"], ["FP16", "SPARSE_WEIGHTS"]]
-    assert record["profiles"][0] == ("input", (1, 3, 4, 4), (4, 3, 4, 4), (8, 3, 4, 4))
+    assert record["profiles"] == [("input", (1, 3, 4, 4), (4, 3, 4, 4), (8, 3, 4, 4)),
+                                  ("start", (1, 2), (4, 2), (8, 2))]
     assert record["workspace"] == 2048 << 20
-    assert files["dense"].plan.read_bytes() == b"dense" and files["sparse"].plan.read_bytes() == b"sparse"
-    sparsity = files["sparse"].manifest["sparsity"]
+    assert files["dense"].plan.read_bytes() == b"dense" and files["branch"].plan.read_bytes() == b"branch"
+    sparsity = files["branch"].manifest["sparsity"]
     assert (sparsity["inspector"]["layers_sparse"], sparsity["inspector"]["layers_eligible"]) == (1, 2)
     assert (sparsity["log"]["layers_sparse"], sparsity["log"]["layers_eligible"]) == (1, 2)
+    assert files["branch"].manifest["split_point"] == {"branch_inputs": ["start"], "branch_output": "embedding_twin",
+                                                 "pruned_layers": ["twin/MatMul"]}
     assert "sparsity" not in files["dense"].manifest
-    assert timing_cache_path("10.3.0", "9.0", tmp_path).read_bytes() == b"dense+sparse"  # both builds' timings
+    tcache = timing_cache_path("10.3.0", H100, tmp_path)
+    assert tcache.read_bytes() == b"branch+dense"  # both builds' timings
     assert "  Building engine (20 steps)" in lines  # steps print every 10 %, at most every 2 s: none here
     assert any(line.startswith("  Building engine: done in ") for line in lines)
     assert any("1 of 2 eligible layers run sparse kernels" in line for line in lines)
-    assert (files["sparse"].plan.parent / "sparse-fp16.layers.json").is_file()
+    assert (files["branch"].plan.parent / "branch-fp16.layers.json").is_file()
     again = build_engines(fake_prepared, opts, lines.append, root=tmp_path)
-    assert again["sparse"].manifest == files["sparse"].manifest
+    assert again["branch"].manifest == files["branch"].manifest
     assert len(record["parsed"]) == 2  # reused, not rebuilt
-    # TensorRT 11: strongly typed networks fed the FP16 export; the 10.3 engines no longer fit and are rebuilt
+    # the default typing is strong, on 10.x too: the FP16 export, no precision flag; the weak engines are rebuilt
     monkeypatch.setattr(fp16, "fp16_model_path", lambda p: p.with_name(p.stem + "-fp16.onnx"))
+    tcache.write_bytes(b"refused")  # a timing cache TensorRT refuses: built with an empty one, and replaced
+    files = build_engines(fake_prepared, EngineOptions(profile=Profile(1, 4, 8)), lines.append, root=tmp_path)
+    assert record["parsed"][2:] == ["split-dense-fp16.onnx", "split-branch-fp16.onnx"]
+    assert record["network_flags"][2:] == [32, 32] and record["flags"][2:] == [[], ["SPARSE_WEIGHTS"]]
+    assert files["dense"].manifest["typing"] == "strong"
+    assert "TensorRT refused the timing cache" in caplog.text and tcache.read_bytes() == b"branch+dense"
     record = use("11.4.0")
-    files = build_engines(fake_prepared, opts, lines.append, root=tmp_path)
-    assert record["parsed"][2:] == ["dense-fp16.onnx", "twin-fp16.onnx"] and record["network_flags"][2:] == [32, 32]
-    assert record["flags"][2:] == [[], ["SPARSE_WEIGHTS"]]
-    assert files["dense"].manifest["typing"] == "strong" and files["dense"].manifest["tensorrt"] == "11.4.0"
+    files = build_engines(fake_prepared, EngineOptions(profile=Profile(1, 4, 8)), lines.append, root=tmp_path)
+    assert files["dense"].manifest["tensorrt"] == "11.4.0" and len(record["parsed"]) == 6
 
 
-def test_tensorrt_pair_feeds_both_engines_from_one_upload(fake_prepared, fakes, tmp_path):
+def test_tensorrt_pair_feeds_the_branch_from_the_dense_engines_device_buffer(fakes, tmp_path):
     from agent.backends.tensorrt import TensorRTPair
 
     cuda, use = fakes
-    use("10.3.0")
+    record = use("10.3.0")
     (tmp_path / "dense.plan").write_bytes(b"dense")
-    (tmp_path / "sparse.plan").write_bytes(b"sparse")
-    pair = TensorRTPair(tmp_path / "dense.plan", tmp_path / "sparse.plan")
+    (tmp_path / "branch.plan").write_bytes(b"branch")
+    pair = TensorRTPair(tmp_path / "dense.plan", tmp_path / "branch.plan")
     x = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
     dense, twin = pair.embed(x)
     expect = np.repeat(x.reshape(3, -1).sum(1, keepdims=True), 5, axis=1)
     assert np.allclose(dense, expect, atol=1e-5) and np.allclose(twin, 2 * expect, atol=1e-5)
-    assert cuda.copies == {"htod": 1, "dtoh": 2}
+    assert cuda.copies == {"htod": 1, "dtoh": 2}  # the branch start never leaves the device
     big = np.random.default_rng(2).normal(size=(11, 3, 4, 4)).astype(np.float32)  # above the profile's max 8
     dense, _ = pair.embed(big)
     assert dense.shape == (11, 5) and np.allclose(dense[:, 0], big.reshape(11, -1).sum(1), atol=1e-4)
     assert cuda.copies == {"htod": 3, "dtoh": 6}
+    assert record["executed"][-2:] == [("input", 3), ("start", 3)]
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_launches(fakes, tmp_path, caplog):
+    """The real cuda-python runtime bindings, no driver here: the capture fails at cudaStreamBeginCapture; scoring
+    at a graph batch size still gives the right answers, eagerly, on the graph's own execution contexts."""
+    from agent.backends.tensorrt import TensorRTPair
+
+    cuda, use = fakes
+    record = use("10.3.0")
+    (tmp_path / "dense.plan").write_bytes(b"dense")
+    (tmp_path / "branch.plan").write_bytes(b"branch")
+    pair = TensorRTPair(tmp_path / "dense.plan", tmp_path / "branch.plan", graph_batches=(4,))
+    contexts = record["contexts"]
+    x = np.random.default_rng(3).normal(size=(4, 3, 4, 4)).astype(np.float32)
+    expect = np.repeat(x.reshape(4, -1).sum(1, keepdims=True), 5, axis=1)
+    for _ in range(2):
+        dense, twin = pair.embed(x)
+        assert np.allclose(dense, expect, atol=1e-5) and np.allclose(twin, 2 * expect, atol=1e-5)
+    assert "no CUDA graph for batch 4: capture failed (cudaStreamBeginCapture: cudaError" in caplog.text
+    assert record["contexts"] == contexts + 2  # the graph's own contexts, made once

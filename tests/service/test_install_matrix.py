@@ -40,11 +40,10 @@ PROJECT = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml")
 PIP_TIMEOUT_S = 240
 
 JETPACK = {
-    "tensorrt": "JetPack's python3-libnvinfer, seen through the venv's --system-site-packages (docs/JETSON.md)",
     "pycuda": "no wheels: built from source against JetPack's CUDA (docs/JETSON.md)",
 }
 SERVER = {
-    "tensorrt": "PyPI's tensorrt is a source package that installs NVIDIA's wheels when it is built",
+    "tensorrt-cu12": "PyPI's tensorrt-cu12 is a source package that installs NVIDIA's wheels when it is built",
     "pycuda": "no wheels: built from source against the CUDA toolkit (docs/GPU.md)",
 }
 
@@ -72,11 +71,11 @@ class Target:
 
 
 TARGETS = [
-    Target("jetson-orin-jetpack6", "3.10", "aarch64", 35, ("gpu",), JETPACK),  # Ubuntu 22.04
-    Target("jetson-orin-floors", "3.10", "aarch64", 35, floors=True),
-    Target("jetson-thor-jetpack7", "3.12", "aarch64", 39, ("gpu",), JETPACK),  # Ubuntu 24.04
-    Target("server-py3.11", "3.11", "x86_64", 28, ("gpu", "cuda"), SERVER),  # glibc 2.28: RHEL 8, Debian 10 on
-    Target("server-py3.12", "3.12", "x86_64", 35, ("gpu", "cuda"), SERVER),
+    Target("jetson-orin-jetpack6", "3.10", "aarch64", 35, ("cpu", "jetson"), JETPACK),  # Ubuntu 22.04
+    Target("jetson-orin-floors", "3.10", "aarch64", 35, ("cpu",), floors=True),
+    Target("jetson-thor-jetpack7", "3.12", "aarch64", 39, ("cpu",)),  # Ubuntu 24.04, CUDA 13: not `jetson`
+    Target("server-py3.11", "3.11", "x86_64", 28, ("cuda", "gpu-cu12"), SERVER),  # glibc 2.28: RHEL 8, Debian 10 on
+    Target("server-py3.12", "3.12", "x86_64", 35, ("cuda", "gpu-cu12"), SERVER),
 ]
 
 
