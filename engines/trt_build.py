@@ -406,7 +406,7 @@ def build_engines(prepared: PreparedFR, opts: EngineOptions | None = None, progr
     say = progress or (lambda line: log.info("%s", line))
     gpu = gpu_info()
     if float(gpu.compute_capability) < 8.0:
-        log.warning("%s (sm%s) has no sparse tensor cores (Ampere, sm80, and later): the sparse engine will run "
+        log.warning("%s (sm%s) has no sparse tensor cores (Ampere, sm80, and later): the branch engine will run "
                     "dense kernels", gpu.name, gpu.compute_capability)
     tcache = timing_cache_path(trt.__version__, gpu, root)
     split: Split | None = None

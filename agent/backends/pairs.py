@@ -58,8 +58,9 @@ FORMS = ("trunk", "separate")
 def build_pair(prepared: PreparedFR, form: str = "trunk", threads: int | None = None, backend: str = "auto",
                engines: EngineOptions | None = None, graph_batches: Sequence[int] = ()) -> EmbeddingPair:
     """form: "trunk" (one shared-trunk graph) or "separate" (dense and twin models); TensorRT always runs the
-    dense and the 2:4-sparse engine. backend: auto | tensorrt | onnxruntime-cuda | onnxruntime (see
-    agent.backends.base.select_backend). engines, graph_batches: TensorRT's build options and CUDA-graph batch sizes."""
+    split engines (dense, then the 2:4-sparse branch on its device buffer). backend: auto | tensorrt |
+    onnxruntime-cuda | onnxruntime (see agent.backends.base.select_backend). engines, graph_batches: TensorRT's build
+    options and CUDA-graph batch sizes."""
     if form not in FORMS:
         raise ValueError(f"unknown scoring form {form!r}: use 'trunk' or 'separate'")
 
@@ -84,5 +85,5 @@ def build_pair(prepared: PreparedFR, form: str = "trunk", threads: int | None = 
 
     name, pair = select_backend(backend, {"tensorrt": tensorrt, "onnxruntime-cuda": onnxruntime_cuda,
                                           "onnxruntime": onnxruntime})
-    log.info("scoring on %s (%s)", name, "dense + sparse engines" if name == "tensorrt" else form)
+    log.info("scoring on %s (%s)", name, "dense + sparse branch engines" if name == "tensorrt" else form)
     return pair
