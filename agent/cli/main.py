@@ -215,6 +215,13 @@ def cmd_subscribe_nats(args) -> int:
     return 0 if stats.handled or args.count is None else 1
 
 
+def cmd_bench_outputs(args) -> int:
+    from agent.cli.bench_outputs import bench_outputs
+
+    bench_outputs(sys.stdout, args.count, args.window, args.nats, args.nats_replicas, args.mqtt)
+    return 0
+
+
 def cmd_bench_pipeline(args) -> int:
     from agent.cli.bench import bench_pipeline
 
@@ -501,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-unlimited", action="store_true",
                    help="rerun with unlimited scoring and count the tracks whose published shot changes")
     p.set_defaults(func=cmd_bench_pipeline)
+    p = bench.add_parser("outputs", help="shots/s and publish-to-ack latency of each output against real servers")
+    p.add_argument("--count", type=int, default=2000, help="shots per output")
+    p.add_argument("--window", type=int, default=64, help="shots outstanding (not yet acked) at most")
+    p.add_argument("--nats", metavar="URL", help="a NATS server with JetStream (several: comma-separated)")
+    p.add_argument("--nats-replicas", type=int, default=1, help="replicas of the bench stream (3 on a cluster)")
+    p.add_argument("--mqtt", metavar="HOST:PORT", help="an MQTT broker")
+    p.set_defaults(func=cmd_bench_outputs)
     p = bench.add_parser("cameras", help="the most cameras played at their frame rate that run without a dropped "
                                          "frame; per-stage time, CPU, latency, RSS, shots changed vs unpaced")
     p.add_argument("--source", action="append", help="video file, repeatable: camera i plays the (i mod k)th "

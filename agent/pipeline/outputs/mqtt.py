@@ -95,7 +95,8 @@ class MqttOutput:
         self._lock = threading.Lock()  # never held while calling paho, whose thread calls on_publish holding its own
         self._pending: dict[int, str | None] = {}  # message id -> its shot's id (None: not counted), until its PUBACK
         self._early: set[int] = set()  # PUBACKs that came before submit() registered their message ids
-        self._unacked: dict[str, int] = {}  # shot id -> its messages not acked yet
+        self._unacked: dict[str, list] = {}  # shot id -> [its messages not acked yet, when it was submitted]
+        self.ack_latency_s: list[float] = []  # submit-to-PUBACK of the last acked shots, at most 1000
         client_id = config.client_id or f"bestshot-{socket.gethostname()}-{config.name}"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         if config.username is not None:
@@ -136,9 +137,11 @@ class MqttOutput:
                 self._acked_one(shot_id)
 
     def _acked_one(self, shot_id: str) -> None:
-        self._unacked[shot_id] -= 1
-        if not self._unacked[shot_id]:  # every message of the shot is with the broker
+        entry = self._unacked[shot_id]
+        entry[0] -= 1
+        if not entry[0]:  # every message of the shot is with the broker
             del self._unacked[shot_id]
+            self.ack_latency_s = [*self.ack_latency_s[-999:], time.monotonic() - entry[1]]
             self.counts.add("acked")
 
     def _events(self, shot: BestShot, meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,12 +170,13 @@ class MqttOutput:
         messages = [(f"{base}/events", json.dumps(e, separators=(",", ":")).encode(), False)
                     for e in self._events(shot, meta)]
         messages.append((f"{base}/snapshot", parts[3] if c.snapshot == "context" else parts[2], True))
+        t0 = time.monotonic()
         queued = [self._client.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in messages]
         mids = [i.mid for i in queued if i.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)]  # no conn: queued
         complete = len(mids) == len(messages)  # else the shot counts as dropped, never as acked
         with self._lock:
             if complete:
-                self._unacked[shot_id] = len(mids)
+                self._unacked[shot_id] = [len(mids), t0]
             for mid in mids:
                 if mid not in self._early:
                     self._pending[mid] = shot_id if complete else None
