@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -273,3 +274,48 @@ def test_message_layout_reads_back() -> None:
     with pytest.raises(ValueError):
         decode_body(b"BSS1" + bytes(8))
 
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    ca, ca_key, cert, key, csr = (folder / n for n in ("ca.crt", "ca.key", "server.crt", "server.key", "server.csr"))
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+                  "-subj", "/CN=bestshot test CA"],
+                 ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+                 ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days",
+                  "1", "-extfile", ext]):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+def test_tls_with_a_ca_and_a_token_and_an_nkey_seed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nkeys
+
+    ca, cert, key = _certificates(tmp_path)
+    tls_node = NatsNode(tmp_path / "tls", extra=f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+                                               'authorization { token: "a-token-for-the-edge-boxes" }').start()
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "edge.nk").write_bytes(seed)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    nkey_node = NatsNode(tmp_path / "nkey", extra=f"authorization {{ users: [ {{ nkey: {public} }} ] }}").start()
+    monkeypatch.setenv("NATS_TOKEN", "a-token-for-the-edge-boxes")
+    s = StreamSettings(max_bytes=64 * MiB)
+    tls_url = tls_node.url.replace("nats://", "tls://")
+    outputs = Outputs([
+        NatsOutput(NatsConfig(name="tls", servers=[tls_url], tls_ca=ca, token=Secret(env="NATS_TOKEN"), stream=s)),
+        NatsOutput(NatsConfig(name="untrusted", servers=[tls_url], token=Secret(env="NATS_TOKEN"), stream=s)),
+        NatsOutput(NatsConfig(name="nkey", servers=[nkey_node.url], nkey_seed_file=tmp_path / "edge.nk", stream=s)),
+    ])
+    tls, untrusted, nkey = outputs.outputs
+    try:
+        assert outputs.publish(real_shot(1))
+        wait_until("acked over TLS with the token and with the nkey",
+                   lambda: tls.counts.acked == 1 and nkey.counts.acked == 1)
+        wait_until("the unknown CA refused", lambda: "certificate" in untrusted.health()[1].get("reason", "").lower())
+        assert untrusted.counts.acked == 0
+    finally:
+        outputs.close(1)
+        tls_node.kill()
+        nkey_node.kill()
