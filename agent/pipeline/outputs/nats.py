@@ -309,6 +309,8 @@ class NatsOutput:
                 log.warning("NATS output %s: disconnected; reconnecting", self.name)
 
     async def _on_reconnected(self) -> None:
+        if self._stream_ok:
+            self._reason = None
         log.info("NATS output %s: reconnected to %s", self.name, self._nc.connected_url.netloc if self._nc else "?")
 
     def _main(self) -> None:
@@ -390,6 +392,7 @@ class NatsOutput:
                 continue
             self._js = self._nc.jetstream(timeout=self.config.ack_timeout_s)
             log.info("NATS output %s: connected to %s", self.name, self._nc.connected_url.netloc)
+            await self._stream_ready()  # at start, not at the first shot: a conflict is reported at once
             self._wake.set()
             return
 
@@ -424,7 +427,7 @@ class NatsOutput:
             if isinstance(e, TRANSIENT):
                 self._next_check = now + 1.0
             return False
-        self._stream_ok = True
+        self._stream_ok, self._reason = True, None
         return True
 
     async def _attempt(self, head: _Head) -> Literal["acked", "dropped", "retry"]:
