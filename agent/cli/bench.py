@@ -84,16 +84,22 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
         q.put(e)
 
 
-def _measure(form: str, batch: int, faces: int, recipe: str, threads: int | None, cache: Path | None):
+def in_fresh_process(target, args: tuple, what: str):
+    """`target(*args, q)` in a spawned process (its own peak RSS): what it put on q; an exception there is raised."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(form, batch, faces, recipe, threads, str(cache) if cache else None, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     res = q.get()
     p.join()
     if isinstance(res, Exception):
-        raise RuntimeError(f"bench {form} batch {batch} failed: {res}") from res
+        raise RuntimeError(f"{what} failed: {res}") from res
     return res
+
+
+def _measure(form: str, batch: int, faces: int, recipe: str, threads: int | None, cache: Path | None):
+    return in_fresh_process(_worker, (form, batch, faces, recipe, threads, str(cache) if cache else None),
+                            f"bench {form} batch {batch}")
 
 
 def bench_score(recipe: str | None, batches: list[int], faces: int, threads: int | None, cache: Path | None,

@@ -85,15 +85,9 @@ def _child(bench: CameraBench, n: int, paced: bool, q: mp.Queue) -> None:
 
 def run_once(bench: CameraBench, n: int, paced: bool) -> dict:
     """`_run` in a fresh process, so that its peak RSS and CPU are its own."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(bench, n, paced, q))
-    p.start()
-    res = q.get()
-    p.join()
-    if isinstance(res, Exception):
-        raise RuntimeError(f"bench cameras: {n} camera(s) failed: {res}") from res
-    return res
+    from agent.cli.bench import in_fresh_process
+
+    return in_fresh_process(_child, (bench, n, paced), f"bench cameras: {n} camera(s)")
 
 
 def shots_changed(run: dict, refs: dict[str, dict], clips: tuple[str, ...]) -> tuple[int, int]:
