@@ -23,6 +23,7 @@ the spool) until it is fixed; the check is repeated every RECHECK_S.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import math
@@ -236,6 +237,9 @@ class NatsOutput:
             opts["token"] = c.token.read(f"outputs {c.name}: token")
         for key, path in (("nkeys_seed", c.nkey_seed_file), ("user_credentials", c.creds_file)):
             if path is not None:
+                if importlib.util.find_spec("nkeys") is None:
+                    raise ValueError(f"outputs {c.name}: nkey seeds and .creds files need the nkeys package: "
+                                     "pip install 'bestshot-agent[nkeys]'")
                 if not path.is_file():
                     raise ValueError(f"outputs {c.name}: {path} is not a readable file")
                 opts[key] = str(path)
