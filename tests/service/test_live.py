@@ -155,6 +155,13 @@ def check_tile(tile: dict, m: dict) -> None:
     assert m["status"] in tile["classes"]
 
 
+def text(driver: WebDriver, selector: str) -> str | None:
+    """The text of the first element `selector` finds, read at once (the page rebuilds its camera sections on every
+    event: a WebElement found earlier may be gone)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e && e.textContent",
+                                 selector)
+
+
 def table_rows(driver: WebDriver, cls: str) -> list[list[str]]:
     return driver.execute_script(f"""return [...document.querySelectorAll('#detail table.{cls} tr')].slice(1)
         .map(r => [...r.cells].map(c => c.textContent))""")
@@ -168,11 +175,10 @@ def test_browser_shows_the_published_shots_and_why(agent: Agent, browser: WebDri
     metas = agent.consumer.metas()
     for tile in shown:
         check_tile(tile, published_for(tile, metas))
-    cams = {c.get_attribute("data-camera"): c for c in browser.find_elements(By.CSS_SELECTOR, "section.camera")}
-    assert set(cams) == {"demo", "gate"}
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-camera=demo] .badge").text == "up")
-    assert cams["gate"].find_element(By.CSS_SELECTOR, ".badge").text == "down"
-    assert re.fullmatch(r"\d+\.\d fps in", browser.find_element(By.CSS_SELECTOR, "[data-camera=demo] .fps").text)
+    cams = "return [...document.querySelectorAll('section.camera')].map(c => c.dataset.camera)"
+    assert browser.execute_script(cams) == ["demo", "gate"]
+    wait.until(lambda d: (text(d, "[data-camera=demo] .badge"), text(d, "[data-camera=gate] .badge")) == ("up", "down"))
+    wait.until(lambda d: re.fullmatch(r"\d+\.\d fps in", text(d, "[data-camera=demo] .fps")))
 
     # a best shot's details: its top-K frames and why each was kept, its diverse shots, its gated frames
     best = next(t for t in shown if "best" in t["classes"])
@@ -186,7 +192,7 @@ def test_browser_shows_the_published_shots_and_why(agent: Agent, browser: WebDri
     gated = table_rows(browser, "gated")
     assert sorted(int(r[1]) for r in gated) == sorted(x["gated"].values())
     if not x["gated"]:
-        assert browser.find_element(By.CSS_SELECTOR, "#detail .gated-none").text == "none"
+        assert text(browser, "#detail .gated-none") == "none"
 
     # no camera password: not in the page, its script, its events, /metrics nor /healthz
     assert SECRET not in browser.page_source
@@ -220,7 +226,7 @@ def test_subscribe_view_shows_a_remote_agents_shots(agent: Agent, browser: WebDr
         shown = WebDriverWait(browser, 60, poll_frequency=0.5).until(images_decoded)
         for tile in shown:
             check_tile(tile, published_for(tile, agent.consumer.metas()))
-        assert browser.find_element(By.CSS_SELECTOR, "[data-camera=demo] .badge").text == "remote"
+        assert text(browser, "[data-camera=demo] .badge") == "remote"
     finally:
         proc.terminate()
         proc.wait(30)
