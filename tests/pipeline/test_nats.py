@@ -165,6 +165,11 @@ def test_server_down_then_agent_restarted_then_server_back_sends_every_spooled_s
     finally:
         second.close(5)
     assert run(stream_ids([node.url])) == order
+    from agent.cli.main import main  # the command line: `bestshot subscribe nats://...`
+
+    assert main(["subscribe", node.url, "--durable", "cli", "--count", "10", "--timeout", "20",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out" / "door-1").glob("*.json"))) == 10
     node.kill()
 
 
