@@ -42,7 +42,7 @@ from agent.service.config import ConfigError, parse_config
 from agent.service.live import LiveView, read_token
 from agent.service.metrics import serve
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 SECRET = "s3cret-Passw0rd"  # in a camera URL: must never reach the page
 TOKEN = "a-live-page-token-0123456789"
@@ -75,7 +75,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     consumer = Consumer(f"tcp://127.0.0.1:{pub}")  # before the agent starts: it gets every shot
     try:
         with AgentRun.with_config(tmp, cfg) as run:
-            run.wait_log("http://127.0.0.1:", 120)  # its models loaded, the page is served
+            run.wait_log("http://127.0.0.1:", 300)  # models prepared (a fresh cache: minutes on a busy box), served
             yield Agent(run, consumer, f"http://127.0.0.1:{http}", f"tcp://127.0.0.1:{pub}")
     finally:
         consumer.close()
@@ -270,8 +270,9 @@ def open_stream(port: int, rcvbuf: int | None = None) -> socket.socket:
 
 
 def test_hundred_pages_and_one_that_never_reads_keep_the_frame_rate(agent: Agent) -> None:
-    """Frames kept per second by the agent with no page open, then with 100 pages reading their streams and one
-    that never reads: within 5 %, RSS growth bounded, and every page's connection released when they go."""
+    """Frames kept per second by the agent (the demo clip paced at 10 kept frames/s) with no page open, then with
+    100 pages reading their streams and one that never reads: no more than 5 % fewer, RSS growth bounded, and every
+    page's connection released when they go."""
     port = int(agent.url.rpartition(":")[2])
     until(lambda: metric(get(agent.url + "/metrics")[1].decode(), "bestshot_live_pages") == 0, 60, "no page open")
     alone, rss0 = frame_rate(agent.url, 10), rss_mib(agent.run.proc.pid)
@@ -305,7 +306,7 @@ def test_hundred_pages_and_one_that_never_reads_keep_the_frame_rate(agent: Agent
             s.close()
     print(f"frames/s: {alone:.2f} without pages, {loaded:.2f} with {PAGES} + 1 stalled; "
           f"RSS {rss0:.0f} -> {rss1:.0f} MiB")
-    assert abs(loaded - alone) <= 0.05 * alone, (alone, loaded)
+    assert loaded >= 0.95 * alone, (alone, loaded)  # faster is no harm: on a starved box the pace varies by itself
     assert rss1 - rss0 < 64, (rss0, rss1)
     until(lambda: metric(get(agent.url + "/metrics")[1].decode(), "bestshot_live_pages") == 0, 60,
           "every page's connection released")
