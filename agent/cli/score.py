@@ -79,7 +79,8 @@ def score_paths(
         if not crops:
             log.info("%s: no face found", path)
             continue
-        scored = scorer.score(crops, [d.score if d else float("nan") for d in dets])
+        scored = scorer.score(crops, [d.score if d else float("nan") for d in dets],
+                              [d.size if d else float("nan") for d in dets])
         for i, (det, s) in enumerate(zip(dets, scored, strict=True)):
             rec = _face_record(path, i, det, s, with_embedding)
             if ers is not None:

@@ -398,7 +398,8 @@ class Pipeline:
         cands = [i for i in items if isinstance(i, Candidate)]
         if cands:
             t = time.perf_counter()
-            scored = self.scorer.score([c.crop for c in cands], [c.det.score for c in cands])
+            scored = self.scorer.score([c.crop for c in cands], [c.det.score for c in cands],
+                                       [c.det.size for c in cands])
             for c, s in zip(cands, scored, strict=True):
                 c.scored = s
             self.times.add("score", time.perf_counter() - t, len(cands))

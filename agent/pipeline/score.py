@@ -2,7 +2,8 @@
 
 The selection score (what the selector ranks by) is a `Selection` hook that the service wires in from
 agent/quality/selection.py: it fuses PreFIQs with the other evidence of the same pass (ERS of the dense embedding,
-the dense pass's activation statistics, the detector's confidence). Without a hook, quality is PreFIQs' Q.
+the dense pass's activation statistics, the detector's confidence and box size, the crop's face-region brightness).
+Without a hook, quality is PreFIQs' Q.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ class Evidence:
     dense: np.ndarray  # (N, d) L2-normalised dense embeddings
     stats: dict[str, np.ndarray]  # activation statistics by output name (empty where the backend has none)
     det_score: np.ndarray  # (N,) detector confidence, NaN where unknown (aligned crops given as they are)
+    det_size: np.ndarray  # (N,) detection size (frame pixels), NaN where unknown
+    brightness: np.ndarray  # (N,) log(1 + mean grey) of the crop's eyes-to-mouth region (`face_brightness`), or NaN
+
+
+def face_brightness(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """log(1 + mean grey level) of each aligned crop's inner face region: rows 30-80 %, columns 25-75 % (eyes to
+    mouth, little background or hair), the selection score's brightness cue."""
+    out = np.empty(len(crops))
+    for i, c in enumerate(crops):
+        h, w = c.shape[:2]
+        region = c[int(0.3 * h) : int(0.8 * h), int(0.25 * w) : int(0.75 * w)].astype(np.float32)
+        out[i] = np.log(region.mean() + 1.0)
+    return out
+
+
+def _known(values: Sequence[float] | None, n: int) -> np.ndarray:
+    return np.full(n, np.nan) if values is None else np.asarray(values, np.float64)
 
 
 class Selection(Protocol):
@@ -61,22 +79,27 @@ class Scorer:
         self.model_id = model_id or spec.name
         self.selection = selection
 
-    def evidence(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None) -> Evidence:
+    def evidence(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None,
+                 det_sizes: Sequence[float] | None = None) -> Evidence:
         """One forward pass over at most `max_batch` crops."""
-        return self.evidence_of(preprocess(list(crops), self.spec), det_scores)
+        return self.evidence_of(preprocess(list(crops), self.spec), det_scores, det_sizes, face_brightness(crops))
 
-    def evidence_of(self, batch: np.ndarray, det_scores: Sequence[float] | None = None) -> Evidence:
+    def evidence_of(self, batch: np.ndarray, det_scores: Sequence[float] | None = None,
+                    det_sizes: Sequence[float] | None = None, brightness: np.ndarray | None = None) -> Evidence:
         """One forward pass over a preprocessed batch."""
         f = self.pair.forward(batch)
         _, drift, dense = prefiqs(f.dense, f.twin)
-        det = np.full(len(batch), np.nan) if det_scores is None else np.asarray(det_scores, np.float64)
-        return Evidence(drift, dense, f.stats, det)
+        n = len(batch)
+        return Evidence(drift, dense, f.stats, _known(det_scores, n), _known(det_sizes, n), _known(brightness, n))
 
-    def score(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None) -> list[Scored]:
+    def score(self, crops: Sequence[np.ndarray], det_scores: Sequence[float] | None = None,
+              det_sizes: Sequence[float] | None = None) -> list[Scored]:
+        """`det_scores`, `det_sizes`: the detections' confidence and size (None: unknown, neutral cues)."""
         out: list[Scored] = []
         for i in range(0, len(crops), self.max_batch):
-            ev = self.evidence(crops[i : i + self.max_batch],
-                               None if det_scores is None else det_scores[i : i + self.max_batch])
+            part = slice(i, i + self.max_batch)
+            ev = self.evidence(crops[part], None if det_scores is None else det_scores[part],
+                               None if det_sizes is None else det_sizes[part])
             pq = 1.0 - ev.drift / 2.0
             q, cues = self.selection(ev) if self.selection is not None else (pq, {})
             out.extend(Scored(float(q[j]), float(ev.drift[j]), ev.dense[j], float(pq[j]),

@@ -16,7 +16,7 @@ calibration on LFW's test split.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import cv2
@@ -75,14 +75,17 @@ def scenes() -> list[np.ndarray]:
     return [_bgr(getattr(skdata, name)()) for name in SCENES]
 
 
-def _light_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _geometric_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = crop.shape[0]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     m = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-10, 10), rng.uniform(0.92, 1.08))
     m[:, 2] += rng.uniform(-0.04, 0.04, 2) * size
-    warped = cv2.warpAffine(np.ascontiguousarray(crop), m, (size, size), borderMode=cv2.BORDER_REFLECT)
-    return degrade(warped, rng.uniform(0.0, 0.2), rng)
+    return cv2.warpAffine(np.ascontiguousarray(crop), m, (size, size), borderMode=cv2.BORDER_REFLECT)
+
+
+def _light_variant(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return degrade(_geometric_variant(crop, rng), rng.uniform(0.0, 0.2), rng)
 
 
 def _faces(low: Detector, spec: FRSpec, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -105,14 +108,27 @@ def _variants(faces: list[np.ndarray], rng: np.random.Generator, positive_draws:
     return positive, [degrade(c, rng.uniform(0.8, 1.0), rng) for c in faces for _ in range(degraded_draws)]
 
 
+@dataclass
+class CalibrationFaces:
+    """The selection score's calibration material (agent/quality/selection.py), aligned crops of the packaged faces:
+    `geometric`: the faces and their mirrored, rotated, scaled and shifted variants only (the activation cues'
+    clean reference); `recognisable`: the same faces with light variants that are also degraded up to severity 0.2
+    (`builtin_ers`' recognisable set); `degraded`: their severely degraded copies."""
+
+    geometric: list[np.ndarray]
+    recognisable: list[np.ndarray]
+    degraded: list[np.ndarray]
+
+
 def calibration_faces(scorer: Scorer, det_spec: DetectorSpec | None = None, seed: int = 0, positive_draws: int = 20,
-                      degraded_draws: int = 30) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The recognisable and the severely degraded packaged faces of `builtin_ers` (the selection score's
-    calibration material, agent/quality/selection.py)."""
+                      degraded_draws: int = 30) -> CalibrationFaces:
+    """The packaged faces' calibration material for the selection score (see `CalibrationFaces`)."""
     det_spec = det_spec or DetectorSpec()
     low = make_detector(replace(det_spec, score_threshold=0.05))
     faces, _ = _faces(low, scorer.spec, det_spec.kind)
-    return _variants(faces, np.random.default_rng(seed), positive_draws, degraded_draws)
+    rng = np.random.default_rng(seed)
+    geometric = faces + [_geometric_variant(c, rng) for c in faces for _ in range(positive_draws)]
+    return CalibrationFaces(geometric, *_variants(faces, np.random.default_rng(seed), positive_draws, degraded_draws))
 
 
 def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,

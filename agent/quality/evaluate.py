@@ -37,7 +37,7 @@ from agent.common.fr_spec import FACENET, FRSpec, preprocess
 from agent.common.progress import Progress
 from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
-from agent.pipeline.score import Evidence, Scorer, l2n, prefiqs
+from agent.pipeline.score import Evidence, Scorer, face_brightness, l2n, prefiqs
 from agent.pipeline.select import sharpness
 from agent.pipeline.sources.demo import demo_clip_path, people
 from agent.pipeline.track import Tracker, iou_matrix
@@ -276,10 +276,12 @@ class Evaluator:
         return np.stack([self._dense[k] for k in faces.keys])
 
     def evidence(self, faces: Faces, recipe: str) -> Evidence:
-        """What the scorer's pass knows of each face (drift, dense embedding, activation statistics, detector)."""
+        """What the scorer's pass knows of each face (drift, dense embedding, activation statistics, detection,
+        brightness)."""
         q = self.prefiqs(faces, recipe)
         stats = {k: np.stack([self._stats[key][k] for key in faces.keys]) for k in self._stats[faces.keys[0]]}
-        return Evidence(2.0 * (1.0 - q), self.dense(faces, recipe), stats, np.array(faces.cheap["detector"]))
+        return Evidence(2.0 * (1.0 - q), self.dense(faces, recipe), stats, np.array(faces.cheap["detector"]),
+                        np.array(faces.cheap["size"]), face_brightness(faces.crops))
 
     def selection(self, recipe: str) -> SelectionScore:
         """The selection score the agent would use (built-in ERS and calibration; the shipped weights)."""

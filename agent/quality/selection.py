@@ -7,16 +7,21 @@ It fuses PreFIQs with the other evidence of the same scoring pass, each a cue th
   activation means (and spreads) at two depths (engines/twin.py, STAT_DEPTHS) sit from their values on clean
   calibration faces, in units of those faces' own spread (the idea of batch-norm statistics as a domain-shift
   detector; strong on blur, motion, downscaling, where a degraded input drives early features off their range);
-- `detector`: the detector's confidence (pose, partial faces).
+- `detector`: the detector's confidence (pose, partial faces);
+- `brightness`: log mean grey level of the crop's eyes-to-mouth region (agent.pipeline.score.face_brightness),
+  hinged: only a face darker than the clean calibration faces loses (low light, and noise and JPEG with it);
+- `size`: the detection's size, hinged: log2(size / 100 px) below 100 px, 0 above (small, far faces).
 Each cue is put on a common scale by the per-model calibration: 0 at the median of clean calibration faces, -1
 at the median of severely degraded ones (`SelectionCalibration`, built at first use from the same packaged images
-as the built-in ERS, agent/quality/ers_builtin.py, and saved beside the prepared twin). The fused value is a
-weighted sum whose weights were fitted on the LFW tuning split only (`bestshot tune --selection`, docs/QUALITY.md),
-then mapped through a logistic fitted on the tuning split's degraded pairs: **quality is the estimated chance that
-the face, compared with a clean photo of the same person, still matches at FMR 1e-3** (FaceNet). So
-`selection.min_quality: 0.5` keeps faces more likely to match than not. For another FR model the weights and the
-probability are carried over (its own calibration puts the cues on the same scale); `bestshot tune --selection`
-refits them where LFW is at hand.
+as the built-in ERS, agent/quality/ers_builtin.py, and saved beside the prepared twin). The activation cues' clean
+reference is the packaged faces under geometric variation only (mirror, rotation, scale, shift): a reference that
+also holds lightly blurred or darkened faces sits towards them and prefers a frame one step into a degradation.
+The fused value is a weighted sum whose weights were fitted on the LFW tuning split only (`bestshot tune
+--selection`, docs/QUALITY.md), then mapped through a logistic fitted on the tuning split's degraded pairs: **quality
+is the estimated chance that the face, compared with a clean photo of the same person, still matches at FMR 1e-3**
+(FaceNet). So `selection.min_quality: 0.5` keeps faces more likely to match than not. For another FR model the
+weights and the probability are carried over (its own calibration puts the cues on the same scale); `bestshot tune
+--selection` refits them where LFW is at hand.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from agent.common.cache import locked, read_json, write_json
 from agent.pipeline.detect import DetectorSpec
 from agent.pipeline.score import Evidence, Scorer
 from agent.quality.ers import ErsModel
-from agent.quality.ers_builtin import calibration_faces, ensure_ers
+from agent.quality.ers_builtin import CalibrationFaces, calibration_faces, ensure_ers
 
 if TYPE_CHECKING:
     from engines.prepare import PreparedFR
@@ -46,18 +51,19 @@ SELECTIONS = ("fused", "prefiqs")
 STATS_CUES = ("activation_shallow", "activation_shallow_spread", "activation_deep")
 # Fitted by `bestshot tune --selection` on the LFW tuning split (docs/QUALITY.md, "Selection score"):
 # pairwise-logistic weights over the tuning tracks' frames, then P(match at FMR 1e-3) over the tuning pairs.
-WEIGHTS = {"prefiqs": 0.9593, "ers": 1.0271, "detector": 0.3965, "activation_deep": 1.0634,
-           "activation_shallow": 1.467, "activation_shallow_spread": 0.9725}
-PROBABILITY = (1.5318, 1.9732)  # (slope, intercept) of the logistic on the weighted sum
+WEIGHTS = {"prefiqs": 0.9762, "ers": 1.0495, "detector": 0.3912, "activation_deep": 1.0816,
+           "activation_shallow": 1.344, "activation_shallow_spread": 1.0174, "brightness": 0.2699, "size": 0.4101}
+PROBABILITY = (1.2541, 2.0045)  # (slope, intercept) of the logistic on the weighted sum
 # Where the backend reports no activation statistics (TensorRT, the separate form): the same fit without them.
-WEIGHTS_NO_STATS = {"prefiqs": 1.6613, "ers": 1.4055, "detector": 0.5013}
-PROBABILITY_NO_STATS = (1.9395, 0.1013)
-CALIBRATION_VERSION = 1
+WEIGHTS_NO_STATS = {"prefiqs": 1.6386, "ers": 1.3992, "detector": 0.486, "brightness": 0.2961, "size": 0.5228}
+PROBABILITY_NO_STATS = (1.2653, 0.4683)
+CALIBRATION_VERSION = 2  # 2: activation reference from geometric variants only; brightness medians
+SIZE_HINGE = 100.0  # px: the size cue is log2(size / SIZE_HINGE) below it, 0 above
 
 
 @dataclass
 class SelectionCalibration:
-    """Per prepared model: the activation statistics of clean calibration faces (mean and spread of each
+    """Per prepared model: the activation statistics of the geometric calibration variants (mean and spread of each
     channel's statistic, per stats output) and each cue's medians on clean and on degraded calibration faces."""
 
     reference: dict[str, tuple[np.ndarray, np.ndarray]]  # "<i>/mean" | "<i>/std" -> (centre, spread) per channel
@@ -88,7 +94,8 @@ def channel_stats(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def raw_cues(ev: Evidence, ers: ErsModel, reference: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict:
     """Every cue, higher is better, before calibration (activation cues only with statistics and a reference)."""
-    cues = {"prefiqs": 1.0 - ev.drift / 2.0, "ers": ers.scores(ev.dense), "detector": ev.det_score.astype(np.float64)}
+    cues = {"prefiqs": 1.0 - ev.drift / 2.0, "ers": ers.scores(ev.dense), "detector": ev.det_score.astype(np.float64),
+            "brightness": ev.brightness, "size": ev.det_size}
     stats = channel_stats(ev.stats)
     if reference and stats:
         def dist(key: str) -> np.ndarray:
@@ -108,14 +115,19 @@ class SelectionScore:
         self.ers, self.calibration = ers, calibration
 
     def scale(self, cues: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each cue on the calibration's scale: 0 = clean calibration faces' median, -1 = degraded ones'."""
+        """Each cue on the calibration's scale: 0 = clean calibration faces' median, -1 = degraded ones'.
+        Unknown detector confidence, size or brightness (NaN) count as clean."""
         out = {}
         for k, v in cues.items():
-            if k == "detector":  # already a probability; unknown (NaN) counts as a confident detection
+            if k == "detector":  # already a probability
                 out[k] = (np.nan_to_num(v, nan=1.0) - 1.0) / 0.5
-                continue
-            c, d = self.calibration.clean[k], self.calibration.degraded[k]
-            out[k] = (v - c) / (c - d if abs(c - d) > 1e-12 else 1.0)
+            elif k == "size":
+                out[k] = np.minimum(0.0, np.log2(np.nan_to_num(v, nan=SIZE_HINGE) / SIZE_HINGE))
+            else:
+                c, d = self.calibration.clean[k], self.calibration.degraded[k]
+                out[k] = (v - c) / (c - d if abs(c - d) > 1e-12 else 1.0)
+                if k == "brightness":  # only darker than clean loses
+                    out[k] = np.minimum(0.0, np.nan_to_num(out[k], nan=0.0))
         return out
 
     def __call__(self, ev: Evidence) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -132,23 +144,26 @@ class SelectionScore:
 # ---------------------------------------------------------------- calibration
 
 
-def build_calibration(scorer: Scorer, ers: ErsModel, clean: Sequence[np.ndarray],
-                      degraded: Sequence[np.ndarray]) -> SelectionCalibration:
-    """Reference statistics from `clean` aligned crops; each cue's median on `clean` and on `degraded`."""
+def build_calibration(scorer: Scorer, ers: ErsModel, faces: CalibrationFaces) -> SelectionCalibration:
+    """Reference statistics from the geometric variants; each cue's clean median on the geometric variants
+    (activation cues) or the recognisable faces (the others), and its median on the degraded faces."""
 
     def evidence(crops: Sequence[np.ndarray]) -> Evidence:
         parts = [scorer.evidence(crops[i : i + 4]) for i in range(0, len(crops), 4)]  # small batches: arena
-        return Evidence(np.concatenate([p.drift for p in parts]), np.concatenate([p.dense for p in parts]),
+        return Evidence(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("drift", "dense")),
                         {k: np.concatenate([p.stats[k] for p in parts]) for k in parts[0].stats},
-                        np.full(sum(len(p.drift) for p in parts), np.nan))
+                        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("det_score", "det_size",
+                                                                                    "brightness")))
 
-    ev_clean, ev_deg = evidence(clean), evidence(degraded)
-    reference = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in channel_stats(ev_clean.stats).items()}
-    medians = []
-    for ev in (ev_clean, ev_deg):
+    ev_geo, ev_clean, ev_deg = (evidence(c) for c in (faces.geometric, faces.recognisable, faces.degraded))
+    reference = {k: (v.mean(0), v.std(0) + 1e-6) for k, v in channel_stats(ev_geo.stats).items()}
+
+    def medians(ev: Evidence) -> dict[str, float]:
         cues = raw_cues(ev, ers, reference)
-        medians.append({k: float(np.median(v)) for k, v in cues.items() if k != "detector"})
-    return SelectionCalibration(reference, *medians)
+        return {k: float(np.median(v)) for k, v in cues.items() if k not in ("detector", "size")}
+
+    clean = medians(ev_clean) | {k: v for k, v in medians(ev_geo).items() if k in STATS_CUES}
+    return SelectionCalibration(reference, clean, medians(ev_deg))
 
 
 def selection_path(prepared: PreparedFR) -> Path:
@@ -156,9 +171,9 @@ def selection_path(prepared: PreparedFR) -> Path:
 
 
 def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None, mode: str,
-                     material: Callable[[Scorer], tuple[list[np.ndarray], list[np.ndarray]]]) -> SelectionScore | None:
+                     material: Callable[[Scorer], CalibrationFaces]) -> SelectionScore | None:
     """The scorer's selection hook for `mode`: "fused" (needs ERS; the calibration is loaded, or built from
-    `material(scorer)` -> (clean crops, degraded crops) and saved beside the twin), or "prefiqs" (None: Q itself)."""
+    `material(scorer)` and saved beside the twin), or "prefiqs" (None: Q itself)."""
     if mode not in SELECTIONS:
         raise ValueError(f"unknown selection {mode!r}: use one of {', '.join(SELECTIONS)}")
     if mode == "prefiqs":
@@ -172,11 +187,11 @@ def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None,
         if saved and saved.get("version") == CALIBRATION_VERSION:
             calib = SelectionCalibration.from_json(saved)
         else:
-            clean, degraded = material(scorer)
-            calib = build_calibration(scorer, ers, clean, degraded)
+            faces = material(scorer)
+            calib = build_calibration(scorer, ers, faces)
             write_json(path, calib.to_json())
-            log.info("selection calibration for %s from %d clean and %d degraded faces: saved %s", scorer.model_id,
-                     len(clean), len(degraded), path)
+            log.info("selection calibration for %s from %d geometric, %d clean and %d degraded faces: saved %s",
+                     scorer.model_id, len(faces.geometric), len(faces.recognisable), len(faces.degraded), path)
     return SelectionScore(ers, calib)
 
 

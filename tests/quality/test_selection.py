@@ -16,8 +16,9 @@ from agent.backends.pairs import build_pair
 from agent.common.fr_spec import FACENET, preprocess
 from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
-from agent.pipeline.score import Scorer, build_scorer
+from agent.pipeline.score import Scorer, build_scorer, face_brightness
 from agent.quality.degrade import Degradation
+from agent.quality.ers_builtin import CalibrationFaces
 from agent.quality.evaluate import degrade_face
 from agent.quality.selection import (
     STATS_CUES,
@@ -26,6 +27,7 @@ from agent.quality.selection import (
     ensure_selection,
     fit_probability,
     fit_weights,
+    raw_cues,
     selection_path,
     with_selection,
 )
@@ -85,11 +87,26 @@ def test_pair_graph_reports_the_activation_statistics(faces):
 
 def test_quality_is_a_probability_with_every_cue_reported(fused, faces):
     crops = [align(img, d, FACENET) for img, d in list(faces.values())[:8]]
-    for s in fused.score(crops, [0.9] * len(crops)):
+    for s, b in zip(fused.score(crops, [0.9] * len(crops), [150.0] * len(crops)), face_brightness(crops), strict=True):
         assert 0.0 <= s.quality <= 1.0
         assert s.prefiqs == pytest.approx(1.0 - s.drift / 2.0)
         assert set(s.cues) == set(WEIGHTS)
         assert s.cues["detector"] == pytest.approx(0.9)
+        assert s.cues["size"] == 150.0 and s.cues["brightness"] == pytest.approx(b)
+
+
+def test_darker_or_smaller_faces_lose_brighter_or_larger_ones_do_not(fused, faces):
+    """The brightness and size cues are hinged: a face darker than the clean calibration faces, or smaller than
+    100 px, loses; a brighter or larger one gains nothing (a lamp or a close-up is not a better face)."""
+    crop = align(*faces[next(iter(faces))], FACENET)
+    lit = [np.clip(crop.astype(np.float32) * 1.3 + b, 0, 255).astype(np.uint8) for b in (20, 60)]
+    dark = (crop * 0.3).astype(np.uint8)
+    # measured: this face -0.18 (a little darker than the packaged faces), 0.3x its brightness -3.35
+    z = fused.selection.scale({"brightness": face_brightness([*lit, crop, dark])})["brightness"]
+    assert z[0] == 0.0 and z[1] == 0.0 and z[3] < z[2] - 1.0 < -1.0
+    q = [s.quality for s in fused.score([crop] * 4, [0.9] * 4, [400.0, 100.0, 50.0, float("nan")])]
+    assert q[0] == pytest.approx(q[1], abs=1e-9) and q[3] == pytest.approx(q[0], abs=1e-9)  # unknown: neutral
+    assert q[2] < q[1] - 0.01
 
 
 # Measured on these 40 people at severity 0.8 (the detection kept, so the detector cue cannot help): the fused quality
@@ -140,9 +157,11 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
     calls = []
     crops = [align(img, d, FACENET) for img, d in list(faces.values())[:20]]
 
+    light = [cv2.GaussianBlur(c, (0, 0), 1.5) for c in crops[10:15]]
+
     def material(s):
         calls.append(1)
-        return crops[:10], [cv2.GaussianBlur(c, (0, 0), 6) for c in crops[10:]]
+        return CalibrationFaces(crops[:10], light, [cv2.GaussianBlur(c, (0, 0), 6) for c in crops[10:]])
 
     first = ensure_selection(scorer, prepared, ers, "fused", material)
     saved = json.loads(selection_path(prepared).read_text())
@@ -156,6 +175,12 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
                         for k in first.calibration.clean})
     for k, v in cues.items():
         np.testing.assert_allclose(v, [0.0, -1.0], atol=1e-9, err_msg=k)
+    # the activation cues' clean reference is the geometric set; the other cues' clean median the light variants'
+    reference = first.calibration.reference
+    geo, rec = (first.scale(raw_cues(scorer.evidence(c), ers, reference)) for c in (crops[:10], light))
+    for k in STATS_CUES:
+        assert abs(np.median(geo[k])) < 1e-6 and np.median(rec[k]) < -0.05, k
+    assert abs(np.median(rec["prefiqs"])) < 1e-6 and abs(np.median(rec["ers"])) < 1e-6
     assert ensure_selection(scorer, prepared, ers, "prefiqs", material) is None
     with pytest.raises(ValueError, match="unknown selection"):
         ensure_selection(scorer, prepared, ers, "best", material)
