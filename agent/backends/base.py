@@ -81,12 +81,14 @@ def select_backend(requested: str, makers: Mapping[str, Callable[[], T]]) -> tup
             return requested, makers[requested]()
         except BackendUnavailable as e:
             raise BackendUnavailable(f"backend {requested!r} was requested but cannot run here: {e}", e.failed) from e
+    skipped = []
     for name in AUTO_ORDER:
         try:
             made = makers[name]()
         except BackendUnavailable as e:
             log.log(logging.WARNING if e.failed else logging.INFO, "backend auto: skipping %s: %s", name, e)
+            skipped.append(f"{name}: {e}")
             continue
         log.info("backend auto: using %s", name)
         return name, made
-    raise BackendUnavailable("backend auto: no backend can run here")
+    raise BackendUnavailable(f"backend auto: no backend can run here ({'; '.join(skipped)})")

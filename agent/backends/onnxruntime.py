@@ -101,6 +101,7 @@ def cuda_options(device_id: int) -> dict[str, str]:
 
 
 def require_cuda_provider() -> None:
+    check_runtime()
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():

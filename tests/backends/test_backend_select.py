@@ -59,6 +59,24 @@ def test_explicit_request_that_cannot_run_is_an_error():
         select_backend("auto", {k: absent("no") for k in ("tensorrt", "onnxruntime-cuda", "onnxruntime")})
 
 
+def test_no_onnx_runtime_installed_names_the_extra(monkeypatch):
+    """A bare `pip install bestshot-agent` (no `cpu` or `cuda` extra): the error says what to install."""
+    import agent.backends.onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "installed_runtimes", lambda: [])
+    ort_backend.check_runtime.cache_clear()
+    try:
+        makers = {"tensorrt": absent("no TensorRT"), "onnxruntime-cuda": ort_backend.require_cuda_provider,
+                  "onnxruntime": lambda: OnnxRuntimeBackend("unused.onnx")}
+        with pytest.raises(BackendUnavailable) as e:
+            select_backend("auto", makers)
+    finally:
+        ort_backend.check_runtime.cache_clear()
+    assert str(e.value) == ("backend auto: no backend can run here (tensorrt: no TensorRT; onnxruntime-cuda: no ONNX "
+                            "Runtime installed: install bestshot with the extra `cpu` (or `cuda`); onnxruntime: no "
+                            "ONNX Runtime installed: install bestshot with the extra `cpu` (or `cuda`))")
+
+
 @pytest.fixture(scope="module")
 def prepared():
     return prepare_fr(FACENET)
