@@ -196,10 +196,14 @@ def test_upstream_tracks_end_to_end(shared_dir, tmp_path):
     tracker = Tracker()
     clip = shared_dir / "data/video/inspireface_810_1684206192.mp4"
 
-    def tracks(frame):  # an "upstream" tracker: ours, run in the sender, ids offset to tell them apart
+    def tracks(frame):  # an "upstream" tracker: ours, ids offset to tell them apart
         update = tracker.update(det.detect(frame.image), frame.pts)
         return [{"id": 1000 + t.track_id, "box": t.det.bbox.tolist(), "score": float(t.det.score),
                  "landmarks": t.det.landmarks.tolist()} for t in update.active]
+
+    # computed before sending: detection inside the sender on a loaded box can leave gaps between frames longer
+    # than the agent's max_lost_s, which (rightly) ends a track that then starts again under the same id
+    upstream = {f.index: tracks(f) for f in video_frames(clip, "selfie", 120)}
 
     up = f"tcp://127.0.0.1:{free_port()}"
     out = f"tcp://127.0.0.1:{free_port()}"
@@ -209,7 +213,7 @@ def test_upstream_tracks_end_to_end(shared_dir, tmp_path):
     rx = Receiver(out, tmp_path / "out")
     runner = threading.Thread(target=agent.run, daemon=True)
     runner.start()
-    send(up, video_frames(clip, "selfie", 120), tracks, bind=True, subscribers=1)
+    send(up, video_frames(clip, "selfie", 120), lambda f: upstream[f.index], bind=True, subscribers=1)
     # with no more frames, every track ends on its own (wall clock past max_lost_s) and is published before stop()
     trace = tmp_path / "trace.jsonl"
     deadline = time.monotonic() + 60
