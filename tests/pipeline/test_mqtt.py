@@ -130,3 +130,61 @@ def test_plaintext_refused_off_loopback() -> None:
     with pytest.raises(ValueError, match="unencrypted"):
         MqttConfig(host="10.0.0.7")
     assert MqttConfig(host="10.0.0.7", allow_plaintext=True).plaintext_exposure()
+
+
+def test_the_agent_runs_a_clip_into_nats_and_mqtt_with_one_id_per_shot(shared_dir: Path, tmp_path: Path) -> None:
+    """`bestshot run` with a YAML `outputs:` list: every shot the agent published is in the JetStream stream once
+    and on MQTT, under the same shot id, and the stream's payloads decode. (The test server keeps 1 GiB of JetStream
+    storage: a stream asking for the default 8 GiB is refused, which the output logs and retries.)"""
+    import yaml
+    from brokers import NatsNode, run, stream_ids
+
+    node = NatsNode(tmp_path / "nats").start()
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    nvr = Subscriber(broker.port, "nvr", ["bestshot/+/events"]).connect()
+    try:
+        wait_until("JetStream", lambda: run(_js_up(node.url)), timeout_s=60, every_s=0.3)
+        cfg = {"cameras": [{"id": "hall", "url": str(shared_dir / "data/video/short_hamilton_clip.mp4"),
+                            "source": {"duration_s": 4}}],
+               "outputs": [{"type": "nats", "servers": [node.url], "site": "hq", "stream": {"max_bytes": 2**28}},
+                           {"type": "mqtt", "port": broker.port}],
+               "metrics": {"listen": None}}
+        path = tmp_path / "bestshot.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(path)], capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        published = [line for line in r.stderr.splitlines() if "shot, frame" in line and "[dropped]" not in line]
+        assert published, r.stderr[-3000:]
+        ids = run(stream_ids([node.url]))
+        assert len(ids) == len(set(ids)) == len(published)
+        wait_until("every MQTT end event", lambda: {e[2] for e in nvr.events() if e[1] == "end"} >= set(ids),
+                   timeout_s=30)
+        assert {e[2] for e in nvr.events()} == set(ids)
+        for seq in range(1, len(ids) + 1):
+            msg = run(_get(node.url, seq))
+            face = cv2.imdecode(np.frombuffer(msg.face_jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert msg.meta["camera"] == "hall" and msg.meta["shot_id"] == ids[seq - 1] and face.size > 0
+            assert msg.embedding is not None and msg.embedding.shape == (msg.meta["embedding_dim"],)
+    finally:
+        nvr.disconnect()
+        broker.kill()
+        node.kill()
+
+
+async def _js_up(url: str) -> bool:
+    from brokers import _js_ready
+
+    return await _js_ready([url])
+
+
+async def _get(url: str, seq: int):
+    from brokers import connect
+
+    from agent.pipeline.outputs.nats import decode_body
+
+    nc = await connect([url])
+    try:
+        return decode_body((await nc.jetstream(timeout=5).get_msg("BESTSHOT", seq)).data)
+    finally:
+        await nc.close()

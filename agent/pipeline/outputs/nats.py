@@ -427,6 +427,9 @@ class NatsOutput:
             return False
         except (*TRANSIENT, nats.js.errors.APIError) as e:
             self._reason = f"stream {s.name} not available: {type(e).__name__} {e}".rstrip()
+            if getattr(e, "err_code", None) == 10047:  # the server cannot reserve the stream's limits
+                self._reason += (f" (stream.max_bytes {s.max_bytes} per replica is more than the server's JetStream "
+                                 "storage allows: lower it, or raise the server's max_file_store)")
             self._log_limited("stream", logging.WARNING, "NATS output %s: %s; retrying", self.name, self._reason)
             if isinstance(e, TRANSIENT):
                 self._next_check = now + 1.0
