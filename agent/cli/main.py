@@ -180,8 +180,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_subscribe(args) -> int:
-    if args.endpoint.startswith(("nats://", "tls://")):
-        return cmd_subscribe_nats(args)
     from agent.cli.subscribe import subscribe
 
     view, stop = None, None
@@ -193,6 +191,12 @@ def cmd_subscribe(args) -> int:
         except (ValueError, OSError) as e:
             log.error("--view %s: %s", args.view, e)
             return 2
+    if args.endpoint.startswith(("nats://", "tls://")):
+        try:
+            return cmd_subscribe_nats(args, view.add if view is not None else None)
+        finally:
+            if stop is not None:
+                stop()
     try:
         n = subscribe(args.endpoint, args.out, args.count, args.timeout, mode=args.mode,
                       server_public_key=args.server_key, client_secret_key=args.client_key,
@@ -204,14 +208,14 @@ def cmd_subscribe(args) -> int:
     return 0 if n or args.count is None else 1
 
 
-def cmd_subscribe_nats(args) -> int:
+def cmd_subscribe_nats(args, on_message=None) -> int:
     from agent.cli.subscribe_nats import NatsConsumer, subscribe_nats
 
     token = os.environ.get(args.token_env) if args.token_env else None
     consumer = NatsConsumer(url=args.endpoint, stream=args.stream, durable=args.durable, subjects=args.subjects,
                             ack_wait_s=args.ack_wait, tls_ca=args.tls_ca, creds_file=args.creds,
                             nkey_seed_file=args.nkey, token=token)
-    stats = subscribe_nats(consumer, args.out, args.count, args.timeout)
+    stats = subscribe_nats(consumer, args.out, args.count, args.timeout, on_message=on_message)
     return 0 if stats.handled or args.count is None else 1
 
 

@@ -26,6 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from agent.cli.subscribe import _stdout_line, meta_path, save
 from agent.common.secrets import client_tls
 from agent.pipeline.outputs.nats import decode_body
+from agent.pipeline.outputs.zeromq import Message
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def _options(c: NatsConsumer) -> dict[str, Any]:
 
 
 async def _consume(c: NatsConsumer, out_dir: Path | None, count: int | None, timeout_s: float | None,
-                   write_line: Callable[[str], None], stats: ConsumeStats) -> None:
+                   write_line: Callable[[str], None], stats: ConsumeStats,
+                   on_message: Callable[[Message], None] | None) -> None:
     async def on_error(e: Exception) -> None:
         log.warning("%s: %s: %s", c.url, type(e).__name__, e)
 
@@ -106,14 +108,14 @@ async def _consume(c: NatsConsumer, out_dir: Path | None, count: int | None, tim
             if timeout_s is not None:
                 deadline = time.monotonic() + timeout_s
             for m in msgs:
-                await _handle(m, out_dir, write_line, stats, seen)
+                await _handle(m, out_dir, write_line, stats, seen, on_message)
         await nc.flush(5)
     finally:
         await nc.close()
 
 
 async def _handle(m: Any, out_dir: Path | None, write_line: Callable[[str], None], stats: ConsumeStats,
-                  seen: OrderedDict[str, None]) -> None:
+                  seen: OrderedDict[str, None], on_message: Callable[[Message], None] | None) -> None:
     delivered = m.metadata.num_delivered
     stats.redelivered += delivered > 1
     try:
@@ -138,6 +140,8 @@ async def _handle(m: Any, out_dir: Path | None, write_line: Callable[[str], None
             await m.nak(delay=5.0)
             return
     write_line(json.dumps(line))
+    if on_message is not None:
+        on_message(msg)
     stats.handled += 1
     if shot_id:
         seen[shot_id] = None
@@ -147,11 +151,13 @@ async def _handle(m: Any, out_dir: Path | None, write_line: Callable[[str], None
 
 
 def subscribe_nats(consumer: NatsConsumer, out_dir: Path | None = None, count: int | None = None,
-                   timeout_s: float | None = None, write_line: Callable[[str], None] = _stdout_line) -> ConsumeStats:
-    """Handle shots until `count` new ones arrived, `timeout_s` passed without any message, or Ctrl-C."""
+                   timeout_s: float | None = None, write_line: Callable[[str], None] = _stdout_line,
+                   on_message: Callable[[Message], None] | None = None) -> ConsumeStats:
+    """Handle shots until `count` new ones arrived, `timeout_s` passed without any message, or Ctrl-C.
+    on_message: also given each new shot (the live page's LiveView.add, `subscribe --view`)."""
     stats = ConsumeStats()
     try:
-        asyncio.run(_consume(consumer, out_dir, count, timeout_s, write_line, stats))
+        asyncio.run(_consume(consumer, out_dir, count, timeout_s, write_line, stats, on_message))
     except KeyboardInterrupt:
         log.info("%s: interrupted after %d shot(s)", consumer.url, stats.handled)
     except (nats.errors.Error, OSError) as e:

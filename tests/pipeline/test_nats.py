@@ -170,6 +170,12 @@ def test_server_down_then_agent_restarted_then_server_back_sends_every_spooled_s
     assert main(["subscribe", node.url, "--durable", "cli", "--count", "10", "--timeout", "20",
                  "--out", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out" / "door-1").glob("*.json"))) == 10
+    got = []  # what `bestshot subscribe nats://... --view` shows on the live page: every shot, in order
+    subscribe_nats(NatsConsumer(url=node.url, durable="view"), None, 10, 20, write_line=lambda _: None,
+                   on_message=got.append)
+    assert [m.meta["shot_id"] for m in got] == order and all(m.face_jpeg for m in got)
+    assert main(["subscribe", node.url, "--durable", "cli-view", "--count", "10", "--timeout", "20",
+                 "--view", f"127.0.0.1:{free_port()}"]) == 0
     node.kill()
 
 
