@@ -19,8 +19,9 @@ from agent.common.cache import locked, read_json, write_json
 from agent.common.fr_spec import FRSpec, preprocess
 from agent.common.progress import Progress
 from engines.prepare import PreparedFR, build_manifest, prepare_fr, save_onnx
-from engines.prune import Recipe, prunable_layers, prune
-from engines.twin import STAT_DEPTHS, shared_trunk
+from engines.prune import prunable_layers, prune
+from engines.recipe import STAT_DEPTHS, Recipe
+from engines.twin import shared_trunk
 
 log = logging.getLogger(__name__)
 

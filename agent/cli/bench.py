@@ -51,7 +51,7 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
 
         batch = np.random.default_rng(0).normal(size=(batch_size, 3, 160, 160)).astype(np.float32)
         if form == "cv2.dnn":
-            from engines.facenet import facenet_pb_path
+            from engines.wheels import facenet_pb_path
 
             if threads:
                 cv2.setNumThreads(threads)

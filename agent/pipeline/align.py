@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from skimage.transform import SimilarityTransform
 
 from agent.common.fr_spec import FRSpec
 from agent.types import Detection
@@ -14,6 +13,8 @@ def similarity(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
     """2x3 similarity transform (rotation, uniform scale, shift) mapping landmarks onto the template."""
     m, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=cv2.LMEDS)
     if m is None:  # LMedS found no consensus: plain least squares (OpenCV 5 has no method=0 here)
+        from skimage.transform import SimilarityTransform
+
         t = SimilarityTransform.from_estimate(landmarks.astype(np.float64), template.astype(np.float64))
         if not t or not np.isfinite(t.params).all():
             raise ValueError("landmarks are degenerate: no similarity transform fits them")

@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.stats import rankdata
 
 from agent.common.cache import read_json, write_json
 from agent.common.fr_spec import FRSpec
@@ -98,6 +96,8 @@ def unit_mean(embs: np.ndarray) -> np.ndarray:
 
 def largest_cluster(embs: np.ndarray, max_distance: float) -> np.ndarray:
     """Indices of the largest cluster of average-linkage agglomerative clustering at this cosine distance."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
     if len(embs) < 2:
         return np.arange(len(embs))
     labels = fcluster(linkage(l2n(embs), method="average", metric="cosine"), max_distance, criterion="distance")
@@ -109,6 +109,8 @@ def largest_cluster(embs: np.ndarray, max_distance: float) -> np.ndarray:
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(a positive scores above a negative), ties counted half (the ROC AUC)."""
+    from scipy.stats import rankdata
+
     ranks = rankdata(np.concatenate([pos, neg]))
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 

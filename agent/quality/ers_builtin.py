@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from skimage import data as skdata
 
 from agent.common.cache import locked
 from agent.common.fr_spec import FRSpec
@@ -67,11 +66,15 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 
 def face_photos() -> list[np.ndarray]:
     """The astronaut, the cameraman and Grace Hopper (the first and last are the demo clip's people)."""
+    from skimage import data as skdata  # imported here: it costs an agent start that needs no photo
+
     hopper, astronaut = (p.image for p in people())
     return [astronaut, _bgr(skdata.camera()), hopper]
 
 
 def scenes() -> list[np.ndarray]:
+    from skimage import data as skdata
+
     return [_bgr(getattr(skdata, name)()) for name in SCENES]
 
 
@@ -139,6 +142,8 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
     low = make_detector(replace(det_spec, score_threshold=0.05))  # one session: faces are its detections >= 0.5
     faces, face_photo_fps = _faces(low, spec, det_spec.kind)
     positive, degraded = _variants(faces, rng, positive_draws, degraded_draws)
+    from skimage import data as skdata
+
     patches = [cv2.resize(_bgr(p), (size, size), interpolation=cv2.INTER_LINEAR) for p in skdata.lfw_subset()[100:]]
     photos = scenes()
     # every size: the packaged photos give few false positives

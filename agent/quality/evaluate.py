@@ -49,7 +49,7 @@ from agent.quality.ers_builtin import builtin_ers, calibration_faces
 from agent.quality.selection import STATS_CUES, SelectionScore, ensure_selection, raw_cues
 from agent.types import Detection
 from engines.prepare import PreparedFR, prepare_fr
-from engines.prune import Recipe
+from engines.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit
 
 from agent.common.cache import locked, read_json, write_json
@@ -240,6 +239,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, intercept: bool) -> tuple
         g = x.T @ (prob - y) / n + 2 * l2 * w
         grad = np.append(g, np.mean(prob - y)) if intercept else g
         return nll + l2 * float(w @ w), grad
+
+    from scipy.optimize import minimize
 
     p = minimize(loss, np.zeros(d + int(intercept)), jac=True, method="L-BFGS-B").x
     return p[:d], float(p[d]) if intercept else 0.0

@@ -46,7 +46,7 @@ from agent.quality.evaluate import (
 )
 from agent.quality.selection import WEIGHTS, WEIGHTS_NO_STATS, fit_probability, fit_weights
 from engines.prepare import default_recipe
-from engines.prune import Recipe
+from engines.recipe import Recipe
 from engines.twin import twin_cost
 
 log = logging.getLogger(__name__)

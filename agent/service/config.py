@@ -41,7 +41,7 @@ from agent.pipeline.sources.upstream import UpstreamOptions
 from agent.pipeline.sources.video import SourceOptions
 from agent.pipeline.track import TrackerConfig
 from agent.service.live import exposure_problems
-from engines.prune import Recipe
+from engines.recipe import Recipe
 from engines.trt_build import EngineOptions, Profile
 
 STRICT = ConfigDict(extra="forbid")

@@ -14,8 +14,8 @@ from agent.backends.onnxruntime import OnnxRuntimeBackend
 from agent.common.fr_spec import FACENET, FRSpec
 from agent.pipeline.score import prefiqs
 from engines.prepare import FACENET_RECIPE, GENERIC_RECIPE, prepare_fr
+from engines.recipe import TWIN
 from engines.split import split_models, split_pair
-from engines.twin import TWIN
 
 
 def _mobilefacenet(shared_dir: Path) -> FRSpec:

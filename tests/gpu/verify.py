@@ -190,7 +190,7 @@ def branch_gemms(branch_path: Path) -> list[dict]:
     import onnx
     from onnx import numpy_helper
 
-    from engines.twin import TWIN
+    from engines.recipe import TWIN
 
     model = onnx.load(str(branch_path))
     inits = {t.name: t for t in model.graph.initializer}

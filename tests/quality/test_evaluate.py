@@ -16,7 +16,9 @@ from agent.quality.degrade import KINDS, Degradation, degrade, map_box
 from agent.quality.evaluate import eval_pairs, eval_tracks, lfw_split, pick
 from agent.types import Detection
 from engines.activation import activation_norms
-from engines.prune import Recipe, prune
+from engines.prepare import FACENET_RECIPE
+from engines.prune import prune
+from engines.recipe import Recipe
 from engines.twin import count_macs, shared_trunk, twin_cost
 
 BOX = np.array([70, 60, 180, 190], np.float32)
@@ -78,7 +80,7 @@ def test_tuning_split_is_disjoint_from_the_test_pairs(shared_dir):
 
 
 def test_eval_pairs_small(shared_dir, tmp_path):
-    res = eval_pairs(tmp_path, ["2:4@0.75-1"], lfw=shared_dir / "data/lfw", limit=6, seed=1)
+    res = eval_pairs(tmp_path, [FACENET_RECIPE], lfw=shared_dir / "data/lfw", limit=6, seed=1)
     assert json.loads((tmp_path / "pairs.json").read_text())["config"]["pairs"] == 12
     assert "| oracle |" in (tmp_path / "pairs.md").read_text()
     assert (tmp_path / "edc_degraded_facenet_fmr0.001.png").stat().st_size > 10_000
@@ -93,19 +95,20 @@ def test_eval_pairs_small(shared_dir, tmp_path):
 
 
 def test_eval_tracks_small(shared_dir, tmp_path):
-    res = eval_tracks(tmp_path, ["2:4@0.75-1"], lfw=shared_dir / "data/lfw", video=None, synthetic=6, frames=6,
+    # the default recipe: its calibrations are the ones the rest of the suite prepares too
+    res = eval_tracks(tmp_path, [FACENET_RECIPE], lfw=shared_dir / "data/lfw", video=None, synthetic=6, frames=6,
                       demo=True)
     demo = next(v for k, v in res["sets"].items() if k.startswith("demo"))
     assert demo["tracks"] == 4  # the clip's four appearances, each named by its source photo
     assert demo["methods"]["size"]["gain"] > 0.5  # faces grow as they come clean in the demo
     assert demo["methods"]["ERS (built-in)"]["gain"] > 0.5  # full run: 0.884 (docs/QUALITY.md)
     r = res["sets"]["synthetic"]
-    assert "ERS (built-in)" in r["methods"] and "fusion PreFIQs 2:4@0.75-1 + ERS (built-in)" in r["methods"]
+    assert "ERS (built-in)" in r["methods"] and f"fusion PreFIQs {FACENET_RECIPE} + ERS (built-in)" in r["methods"]
     assert r["tracks"] == 6 and r["frames"] == 36 and (tmp_path / "tracks.png").is_file()
     assert r["methods"]["oracle"]["gain"] == 1.0 and r["methods"]["oracle"]["regret"] == 0.0
     for name, m in r["methods"].items():
         assert m["utility"] <= r["oracle_utility"] + 1e-9, name
-    assert r["methods"]["PreFIQs 2:4@0.75-1"]["spearman"] > 0.2  # quality follows utility within tracks
+    assert r["methods"][f"PreFIQs {FACENET_RECIPE}"]["spearman"] > 0.2  # quality follows utility within tracks
 
 
 def _tiny_model() -> onnx.ModelProto:

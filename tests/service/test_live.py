@@ -269,6 +269,7 @@ def open_stream(port: int, rcvbuf: int | None = None) -> socket.socket:
     return s
 
 
+@pytest.mark.serial  # a frame rate: another test beside it would move it
 def test_hundred_pages_and_one_that_never_reads_keep_the_frame_rate(agent: Agent) -> None:
     """Frames kept per second by the agent (the demo clip paced at 10 kept frames/s) with no page open, then with
     100 pages reading their streams and one that never reads: no more than 5 % fewer, RSS growth bounded, and every

@@ -18,8 +18,6 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from matplotlib import cbook
-from skimage.data import astronaut
 
 from agent.common.cache import atomic_write, cache_root, locked
 
@@ -74,6 +72,9 @@ PARAMS = ("x", "y", "size", "blur", "noise", "gain", "occlusion")
 
 def people() -> list[Person]:
     """Grace Hopper (matplotlib) and the astronaut (scikit-image)."""
+    from matplotlib import cbook  # imported here: both packages cost an agent start that needs no photo
+    from skimage.data import astronaut
+
     hopper = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
     return [Person("hopper", hopper, (168, 130, 362, 338)),
             Person("astronaut", np.ascontiguousarray(astronaut()[:, :, ::-1]), (172, 68, 272, 188))]
