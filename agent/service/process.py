@@ -42,12 +42,13 @@ class RunSummary:
     detections: int
     scored: int
     deferred: int  # faces the scoring budget passed over (a track's best of them is scored when it ends)
-    published: int
-    dropped: int
+    published: int  # shots at least one output took (each shot once, however many outputs)
+    dropped: int  # shots lost, counted per output that lost them
     seconds: float
     end_latency_ms_median: float | None
     inputs: int = 0  # cameras and upstream inputs that ran (once each, however often restarted)
     failed: dict[str, str] = field(default_factory=dict)  # camera -> why its input ended for good
+    per_output: dict[str, int] = field(default_factory=dict)  # output name -> shots it took
 
     @property
     def every_input_failed(self) -> bool:
@@ -167,10 +168,11 @@ class Agent:
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
             scored=self.pipeline.scored, deferred=sum(g.deferred for w in workers for g in w.gates.values()),
-            published=self.outputs.published, dropped=self.outputs.dropped,
+            published=self.pipeline.published, dropped=self.outputs.dropped,
             seconds=time.monotonic() - t0,
             end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
             inputs=len(ended), failed={cam: why for cam, why in ended.items() if why is not None},
+            per_output={o.name: o.counts.published for o in self.outputs.outputs},
         )
 
 
@@ -221,8 +223,10 @@ def run_agent(cfg: Config, trace: Path | None = None, config_path: Path | None =
         if server is not None:
             server.shutdown()
             server.server_close()
-    log.info("done: %d frames, %d faces detected, %d scored (%d deferred by the budget), %d shots published "
+    outputs = (f" ({', '.join(f'{name} {n}' for name, n in summary.per_output.items())})"
+               if len(summary.per_output) > 1 else "")
+    log.info("done: %d frames, %d faces detected, %d scored (%d deferred by the budget), %d shots published%s "
              "(%d dropped) in %.1f s; %d of %d input(s) failed", summary.frames, summary.detections, summary.scored,
-             summary.deferred, summary.published, summary.dropped, summary.seconds, len(summary.failed),
+             summary.deferred, summary.published, outputs, summary.dropped, summary.seconds, len(summary.failed),
              summary.inputs)
     return summary

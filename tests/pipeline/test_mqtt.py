@@ -158,6 +158,8 @@ def test_the_agent_runs_a_clip_into_nats_and_mqtt_with_one_id_per_shot(shared_di
         assert published, r.stderr[-3000:]
         ids = run(stream_ids([node.url]))
         assert len(ids) == len(set(ids)) == len(published)
+        n = len(published)  # the run's summary counts each shot once, and says what each output took
+        assert f"{n} shots published (nats {n}, mqtt {n}) (0 dropped)" in r.stderr, r.stderr[-1000:]
         wait_until("every MQTT end event", lambda: {e[2] for e in nvr.events() if e[1] == "end"} >= set(ids),
                    timeout_s=30)
         assert {e[2] for e in nvr.events()} == set(ids)
