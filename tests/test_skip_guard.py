@@ -21,14 +21,14 @@ def test_ok():
 '''
 
 
-def run(tmp_path: Path, extra: str = "", **env: str) -> subprocess.CompletedProcess:
+def run(tmp_path: Path, extra: str = "", *args: str, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_suite.py").write_text(SUITE)
     (tmp_path / "test_extra.py").write_text("import pytest\n" + extra)
     environ = {k: v for k, v in os.environ.items() if k not in ("CI", "BESTSHOT_ALLOW_SKIPS")} | env
     environ["PYTHONPATH"] = str(Path(__file__).parent)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "skip_guard", "-p", "no:cacheprovider", "-c",
-                           os.devnull, "--rootdir", str(tmp_path), str(tmp_path)], capture_output=True, text=True,
-                          env=environ, timeout=120)
+                           os.devnull, "--rootdir", str(tmp_path), *args, str(tmp_path)], capture_output=True,
+                          text=True, env=environ, timeout=120)
 
 
 def test_gpu_skips_pass_under_ci(tmp_path):
@@ -47,3 +47,14 @@ def test_other_skips_fail_under_ci(tmp_path, extra, what):
     assert r.returncode == 1, r.stdout
     assert "skips are failures here" in r.stdout and what in r.stdout
     assert run(tmp_path, extra, CI="true", BESTSHOT_ALLOW_SKIPS="1").returncode == 0  # the way out, on purpose
+
+
+@pytest.mark.parametrize("extra,what", [
+    ("\ndef test_missing():\n    pytest.skip('systemd-analyze not installed')\n", "systemd-analyze not installed"),
+    ("\nnope = pytest.importorskip('no_such_module_here')\n", "could not import 'no_such_module_here'"),
+])
+def test_skips_fail_under_ci_in_parallel_workers_too(tmp_path, extra, what):
+    """`make test` runs pytest-xdist workers: their skips, a whole module's included, reach the guard."""
+    r = run(tmp_path, extra, "-n", "2", CI="true")
+    assert r.returncode == 1, r.stdout
+    assert "skips are failures here" in r.stdout and what in r.stdout
