@@ -47,7 +47,7 @@ class DetectorSpec:
     score_threshold: float | None = None
     nms_threshold: float = 0.4
     min_face: float = 0.0
-    threads: int | None = None
+    threads: int | None = None  # None: the agent shares the cores among its cameras' detectors (at least 1 each)
     idle_every_s: float | None = None  # empty, still scene: detect at most this often (agent/pipeline/cadence.py)
     motion_area: float = 0.002  # share of the motion thumbnail that must change to wake the detector at once
 

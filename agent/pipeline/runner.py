@@ -17,10 +17,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from agent.backends.base import default_threads
 from agent.common.fr_spec import FRSpec
 from agent.pipeline.align import align, context_crop
 from agent.pipeline.cadence import Cadence
@@ -279,6 +280,9 @@ class Pipeline:
         self.restarts: dict[str, int] = {}
         self.pending: dict[str, tuple[float, CameraConfig, str]] = {}  # camera -> (when, config, the error)
         self._backoff: dict[str, float] = {}
+        # Each camera's detector gets its share of the cores unless set: 2 cameras on 2 cores with 2 threads each
+        # held 2 cameras at 10 fps, with 1 thread each 3 (docs/PERFORMANCE.md, bench cameras).
+        self.detector_threads = max(1, default_threads() // max(1, sum(c.upstream is None for c in cameras)))
         for cam in cameras:
             self.add_camera(cam)
 
@@ -288,6 +292,8 @@ class Pipeline:
 
     def add_camera(self, cam: CameraConfig) -> None:
         """Add (or replace) a camera; call start_workers() to start it once the pipeline runs."""
+        if cam.detector.threads is None:
+            cam = replace(cam, detector=replace(cam.detector, threads=self.detector_threads))
         worker = CameraWorker(cam, self.fr, self.queue, self.budget, self.times,
                               self.track_ids.setdefault(cam.id, itertools.count(1)))
         with self.lock:

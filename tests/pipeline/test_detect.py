@@ -220,3 +220,26 @@ def test_default_centerface_and_bad_specs(tmp_path: Path, monkeypatch: pytest.Mo
         make_detector(DetectorSpec(kind="yunet"))
     with pytest.raises(ValueError):
         make_detector(DetectorSpec(kind="mtcnn"))  # type: ignore[arg-type]
+
+
+def test_cameras_share_the_cores_among_their_detectors(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, a camera's detector threads are the cores divided among the cameras (at least 1); set, they stay."""
+    from dataclasses import replace
+
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, Pipeline
+    from agent.pipeline.score import build_scorer
+
+    monkeypatch.setenv("BESTSHOT_THREADS", "4")  # the box's cores, as the agent counts them
+    clip = str(shared_dir / "data" / "video" / "short_hamilton_clip.mp4")
+    scorer, _ = build_scorer(FACENET, max_batch=4)
+    cams = [CameraConfig(id=f"cam{i}", url=clip) for i in range(3)]
+    cams.append(CameraConfig(id="fixed", url=clip, detector=replace(DetectorSpec(), threads=3)))
+
+    def threads(pipeline: Pipeline) -> dict[str, int]:
+        return {cid: w.detector.backend.session.get_session_options().intra_op_num_threads
+                for cid, w in pipeline.workers.items()}
+
+    assert threads(Pipeline(cams[:2], FACENET, scorer, lambda s: True)) == {"cam0": 2, "cam1": 2}
+    assert threads(Pipeline(cams, FACENET, scorer, lambda s: True)) == {"cam0": 1, "cam1": 1, "cam2": 1, "fixed": 3}
+    assert threads(Pipeline(cams[:1], FACENET, scorer, lambda s: True)) == {"cam0": 4}
