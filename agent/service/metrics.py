@@ -107,7 +107,8 @@ class Metrics:
         yield GaugeMetricFamily("bestshot_scoring_queue", "Items waiting for the scoring loop",
                                 value=pipeline.queue.qsize())
         if publisher is not None:
-            yield CounterMetricFamily("bestshot_shots_published", "Best shots sent", value=publisher.published)
+            yield CounterMetricFamily("bestshot_shots_published", "Best shots sent, each once however many outputs "
+                                      "took it (per output: bestshot_output_published)", value=pipeline.published)
             yield CounterMetricFamily("bestshot_shots_dropped", "Best shots that could not be sent",
                                       value=publisher.dropped)
             yield from output_families(getattr(publisher, "outputs", ()))

@@ -60,6 +60,7 @@ class FakePipeline:
     retiring: list[FakeWorker] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     scored: int = 0
+    published: int = 0
     heartbeat: float = field(default_factory=time.monotonic)
     queue: queue.Queue = field(default_factory=queue.Queue)
     times: StageTimes = field(default_factory=StageTimes)
@@ -110,8 +111,8 @@ def graph():
                     gates={"ds-1": gate("ds-1", 4, 4), "ds-2": gate("ds-2", 1, 0)})
     ended = FakeWorker(FakeCam("clip"), FakeSource(SourceStats(decoded=275)), frames=275, detections=300, alive=False,
                        gates={"clip": gate("clip", 9, 9)})
-    pipeline = FakePipeline({"door": door, "yard": yard, "ds": ds}, [ended, door_before], scored=77)
-    return pipeline, FakePublisher(published=12, dropped=1)
+    pipeline = FakePipeline({"door": door, "yard": yard, "ds": ds}, [ended, door_before], scored=77, published=12)
+    return pipeline, FakePublisher(published=24, dropped=1)  # two outputs took each of the 12 shots
 
 
 @dataclass
@@ -176,7 +177,7 @@ def test_counters_are_read_at_scrape_time(server):
     port, pipeline, publisher, _ = server
     pipeline.workers["door"].source.stats.decoded = 480
     pipeline.workers["door"].gates["door"].closed = 5
-    pipeline.scored, publisher.published = 90, 20
+    pipeline.scored, pipeline.published = 90, 20
     pipeline.workers.pop("yard")  # removed by a reload: its series go
     m = scrape(port)
     assert m["bestshot_frames_decoded_total", (("camera", "door"),)] == 500
