@@ -137,8 +137,8 @@ class Publisher(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.match(r"^(tcp://[^:/\s]+:(\d+|\*)|ipc://\S+)$", v):
-            raise ValueError("expected tcp://HOST:PORT or ipc:///PATH")
+        if not re.match(r"^(tcp://([^:/\s\[\]]+|\[[0-9A-Fa-f:.]+\]):(\d+|\*)|ipc://\S+)$", v):
+            raise ValueError("expected tcp://HOST:PORT, tcp://[IPV6]:PORT or ipc:///PATH")
         return v
 
     @model_validator(mode="after")

@@ -196,6 +196,23 @@ def test_subscribe_writes_files(mode: str, tmp_path: Path) -> None:
         assert [json.loads(s)["track_id"] for s in result["lines"]] == list(range(n))
 
 
+def test_ipv6_loopback_from_the_config_to_the_subscriber(tmp_path: Path) -> None:
+    """tcp://[::1]:PORT passes the config (loopback: no encryption needed), binds and reaches `bestshot subscribe`."""
+    from agent.service.config import parse_config
+
+    cfg = parse_config({"cameras": [{"id": "a", "url": "clip.mp4"}], "publisher": {"endpoint": "tcp://[::1]:5556",
+                                                                                  "mode": "push"}})
+    assert cfg.publisher.endpoint == "tcp://[::1]:5556"
+    with Publisher(PublisherConfig(endpoint="tcp://[::1]:*", mode="push")) as pub:
+        assert pub.endpoint.startswith("tcp://[::1]:")
+        t, result = run_subscriber(endpoint=pub.endpoint, out_dir=tmp_path, count=3, timeout_s=10, mode="pull")
+        for i in range(3):
+            assert pub.publish(make_shot(track_id=i))
+        t.join(10)
+    assert not t.is_alive() and result["n"] == 3
+    assert [json.loads(line)["track_id"] for line in result["lines"]] == [0, 1, 2]
+
+
 def test_subscribe_times_out_when_nothing_comes() -> None:
     t0 = time.monotonic()
     lines: list[str] = []

@@ -256,6 +256,7 @@ class Publisher:
     def _socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUB if self.config.mode == "pub" else zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
+        sock.setsockopt(zmq.IPV6, "[" in self.config.endpoint)  # ZeroMQ binds IPv6 addresses only when told
         sock.setsockopt(zmq.LINGER, self.config.linger_ms)
         if self._keys is not None:
             sock.curve_publickey, sock.curve_secretkey = self._keys
