@@ -206,8 +206,11 @@ def test_ipv6_loopback_from_the_config_to_the_subscriber(tmp_path: Path) -> None
     with Publisher(PublisherConfig(endpoint="tcp://[::1]:*", mode="push")) as pub:
         assert pub.endpoint.startswith("tcp://[::1]:")
         t, result = run_subscriber(endpoint=pub.endpoint, out_dir=tmp_path, count=3, timeout_s=10, mode="pull")
-        for i in range(3):
-            assert pub.publish(make_shot(track_id=i))
+        i = 0
+        while t.is_alive() and i < 2000:  # PUSH takes a shot only once the subscriber has connected
+            if pub.publish(make_shot(track_id=i)):
+                i += 1
+            time.sleep(0.005)
         t.join(10)
     assert not t.is_alive() and result["n"] == 3
     assert [json.loads(line)["track_id"] for line in result["lines"]] == [0, 1, 2]
