@@ -103,8 +103,8 @@ async def _consume(c: NatsConsumer, out_dir: Path | None, count: int | None, tim
             want = c.batch if count is None else min(c.batch, count - stats.handled)
             try:
                 msgs = await sub.fetch(want, timeout=max(wait, 0.1))
-            except nats.errors.TimeoutError:
-                continue
+            except (TimeoutError, asyncio.TimeoutError):  # nats-py raises either (asyncio's one since 2.12 when
+                continue  # its deadline ran out between requests); one class on 3.11, two on 3.10
             if timeout_s is not None:
                 deadline = time.monotonic() + timeout_s
             for m in msgs:

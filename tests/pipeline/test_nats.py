@@ -4,6 +4,7 @@ agent restarted, the server back; and bad input (wrong credentials, unreachable,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -177,6 +178,37 @@ def test_server_down_then_agent_restarted_then_server_back_sends_every_spooled_s
     assert main(["subscribe", node.url, "--durable", "cli-view", "--count", "10", "--timeout", "20",
                  "--view", f"127.0.0.1:{free_port()}"]) == 0
     node.kill()
+
+
+def test_a_fetch_that_times_out_between_requests_does_not_end_the_consumer(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py's fetch may raise asyncio's TimeoutError instead of its own (the clean-clone run's cluster test hit it
+    after a leader kill): the consumer fetches again instead of ending with an error."""
+    from nats.js.client import JetStreamContext
+
+    node = NatsNode(tmp_path / "node").start()
+    out = NatsOutput(NatsConfig(servers=[node.url], site="lab", stream=StreamSettings(max_bytes=64 * MiB)))
+    ids = [new_shot_id() for _ in range(3)]
+    try:
+        for i, shot_id in enumerate(ids):
+            out.submit(real_shot(i), shot_id)
+        wait_until("3 acked", lambda: out.counts.acked == 3)
+        fetch, calls = JetStreamContext.PullSubscription.fetch, []
+
+        async def flaky_fetch(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise asyncio.TimeoutError
+            return await fetch(self, *args, **kwargs)
+
+        monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", flaky_fetch)
+        got = []
+        subscribe_nats(NatsConsumer(url=node.url, durable="t"), None, 3, 20, write_line=lambda _: None,
+                       on_message=got.append)
+        assert len(calls) >= 2 and [m.meta["shot_id"] for m in got] == ids
+    finally:
+        out.close(5)
+        node.kill()
 
 
 def _zeromq_pair() -> tuple[Publisher, zmq.Socket]:
