@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,test]'
 	touch $@
 
-# The tests in two parts sharing one prepared-model cache: in parallel, then the timing checks (marker `serial`)
-# alone.
+# The tests in two parts sharing one prepared-model cache: in parallel, then the live page's tests with their
+# frame-rate check (marker `serial`) alone.
 test: venv
 	bash tests/setup_system.sh
 	$(PY) -m ruff check agent engines tests
