@@ -44,8 +44,8 @@ from agent.pipeline.track import Tracker, iou_matrix
 from agent.quality.baselines import LightQNet, lightqnet_crop, random_quality, rank_fusion
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box, map_points, random_degradation
 from agent.quality.edc import bootstrap_pauc, edc, fmr_supported, pair_quality, threshold_at_fmr
-from agent.quality.ers import ErsModel
-from agent.quality.ers_builtin import builtin_ers, calibration_faces
+from agent.quality.ers import ErsModel, load_ers
+from agent.quality.ers_builtin import builtin_ers, calibration_faces, ensure_ers
 from agent.quality.selection import STATS_CUES, SelectionScore, ensure_selection, raw_cues
 from agent.types import Detection
 from engines.prepare import PreparedFR, prepare_fr
@@ -317,10 +317,18 @@ class Evaluator:
         return out
 
     def ers(self, recipe: str) -> ErsModel:
-        """The built-in ERS of the scoring model (built once per run; the recipe only supplies the dense pass)."""
+        """The built-in ERS of the scoring model (the recipe only supplies the dense pass): the one the agent saved
+        beside the model, else built now (and saved when nothing is saved there). A saved LFW calibration (`bestshot
+        ers calibrate`) is not used: it has seen the evaluation's faces."""
         if self._ers is None:
-            scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
-            self._ers = builtin_ers(scorer, DetectorSpec(threads=self.threads))
+            scorer, prepared = Scorer(self.spec, self.trunk(recipe), BATCH), self.prepared(recipe)
+            det = DetectorSpec(threads=self.threads)
+            saved = load_ers(prepared)
+            if saved is None or saved.info.get("source") == "builtin":
+                # None when it cannot be built: building again raises, naming why
+                self._ers = ensure_ers(scorer, prepared, det) or builtin_ers(scorer, det)
+            else:
+                self._ers = builtin_ers(scorer, det)
         return self._ers
 
 

@@ -11,9 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.pipeline.detect import DetectorSpec
 from agent.pipeline.select import sharpness
+from agent.quality import ers_builtin, evaluate
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box
-from agent.quality.evaluate import eval_pairs, eval_tracks, lfw_split, pick
+from agent.quality.ers import ErsModel
+from agent.quality.evaluate import Evaluator, eval_pairs, eval_tracks, lfw_split, pick
 from agent.types import Detection
 from engines.activation import activation_norms
 from engines.prepare import FACENET_RECIPE
@@ -109,6 +112,26 @@ def test_eval_tracks_small(shared_dir, tmp_path):
     for name, m in r["methods"].items():
         assert m["utility"] <= r["oracle_utility"] + 1e-9, name
     assert r["methods"][f"PreFIQs {FACENET_RECIPE}"]["spearman"] > 0.2  # quality follows utility within tracks
+
+
+def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_dir, monkeypatch):
+    ev = Evaluator(shared_dir / "data/lfw")
+    scorer = evaluate.Scorer(ev.spec, ev.trunk(FACENET_RECIPE), 8)
+    saved = ers_builtin.ensure_ers(scorer, ev.prepared(FACENET_RECIPE), DetectorSpec())  # what the agent saves
+
+    def no_build(*_):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(evaluate, "builtin_ers", no_build)
+    monkeypatch.setattr(ers_builtin, "builtin_ers", no_build)
+    assert ev.ers(FACENET_RECIPE).uic.tolist() == saved.uic.tolist() and saved.info["source"] == "builtin"
+    # a calibration on LFW saved there instead has seen the evaluation's faces: a built-in one is built
+    ev._ers = None
+    lfw = ErsModel(saved.uic, 1.0, 0.5, 0.2, {"source": "lfw"})
+    fresh = ErsModel(-saved.uic, 1.1, None, None, {"source": "builtin"})
+    monkeypatch.setattr(evaluate, "load_ers", lambda prepared: lfw)
+    monkeypatch.setattr(evaluate, "builtin_ers", lambda scorer, det: fresh)
+    assert ev.ers(FACENET_RECIPE) is fresh
 
 
 def _tiny_model() -> onnx.ModelProto:
