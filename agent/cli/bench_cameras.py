@@ -33,13 +33,16 @@ class CameraBench:
     detect_input: int = 640
     budget: float | None = 30.0
     threads: int | None = None
+    detector: str = "centerface"
+    detector_model: str | None = None  # the detector's ONNX file (None: CenterFace, built in)
 
     def config(self, n: int, paced: bool) -> dict:
         """The agent's configuration for n cameras (paced: live-like; else decoded as fast as it goes)."""
         source = {"realtime": paced, "drop_when_full": paced, "loop": True, "duration_s": self.duration_s,
                   "max_fps": self.fps}
         cams = [{"id": f"cam{i}", "url": self.clips[i % len(self.clips)], "source": source,
-                 "detector": {"input_size": self.detect_input}, "detect_every": self.detect_every} for i in range(n)]
+                 "detector": {"kind": self.detector, "path": self.detector_model, "input_size": self.detect_input},
+                 "detect_every": self.detect_every} for i in range(n)]
         return {"cameras": cams, "scoring": {"budget": self.budget if paced else None, "threads": self.threads},
                 "publisher": {"endpoint": "tcp://127.0.0.1:*"}, "metrics": {"listen": None}}
 
@@ -116,9 +119,9 @@ def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
     load = os.getloadavg()
     out.write(f"# bestshot bench cameras: {', '.join(bench.clips)}\n# {platform.processor() or platform.machine()}, "
               f"{mp.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {bench.fps:g} fps, "
-              f"{bench.duration_s:g} s of media per camera, detection on every {bench.detect_every}. frame at "
-              f"{bench.detect_input} px, scoring budget {bench.budget or 'unlimited'} faces/s, threads "
-              f"{bench.threads or 'all'}\n")
+              f"{bench.duration_s:g} s of media per camera, {bench.detector} detection on every "
+              f"{bench.detect_every}. frame at {bench.detect_input} px, scoring budget "
+              f"{bench.budget or 'unlimited'} faces/s, threads {bench.threads or 'all'}\n")
     refs = {}
     for clip in dict.fromkeys(bench.clips):
         refs[clip] = run_once(replace(bench, clips=(clip,)), 1, paced=False)

@@ -29,6 +29,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                                                   f"{GENERIC_RECIPE} for other models)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all cores)")
     p.add_argument("--cache", type=Path, default=None, help="prepared-model cache directory")
+    _detector_args(p)
+
+
+def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", choices=["centerface", "yunet", "scrfd", "retinaface"], help="default centerface")
     p.add_argument("--detector-model", default=None, help="ONNX file of the detector (CenterFace: built in)")
 
@@ -251,7 +255,7 @@ def cmd_bench_cameras(args) -> int:
 
         clips = [str(demo_clip_path())]
     bench = CameraBench(tuple(clips), args.fps, args.duration, args.detect_every, args.detect_input, args.budget,
-                        args.threads)
+                        args.threads, args.detector or "centerface", args.detector_model)
     res = bench_cameras(bench, parse_counts(args.cameras), sys.stdout)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -530,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-input", type=int, default=640, help="longest side the detector sees")
     p.add_argument("--detect-every", type=int, default=1, help="run the detector on every Nth frame")
     p.add_argument("--threads", type=int, default=None)
+    _detector_args(p)
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=cmd_bench_cameras)
     return parser

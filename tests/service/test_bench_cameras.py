@@ -22,6 +22,18 @@ def test_counts_and_shots_changed() -> None:
     assert shots_changed(run, refs, ("a", "b")) == (2, 5)
 
 
+def test_the_bench_runs_the_detector_it_is_given(shared_dir) -> None:
+    from agent.service.config import parse_config
+
+    yunet = str(shared_dir / "models/yunet_s_dynamic.onnx")
+    bench = CameraBench(("a.mp4", "b.mp4"), detect_input=480, detector="yunet", detector_model=yunet)
+    cams = parse_config(bench.config(3, paced=True)).camera_configs()
+    assert [(c.url, c.detector.kind, c.detector.path, c.detector.input_size) for c in cams] == [
+        ("a.mp4", "yunet", yunet, 480), ("b.mp4", "yunet", yunet, 480), ("a.mp4", "yunet", yunet, 480)]
+    default = parse_config(CameraBench(("a.mp4",)).config(1, paced=True)).camera_configs()
+    assert [(c.detector.kind, c.detector.path) for c in default] == [("centerface", None)]
+
+
 def test_bench_cameras_report_adds_up() -> None:
     bench = CameraBench((str(demo_clip_path()),), fps=2.0, duration_s=3.0, budget=30.0)
     out = io.StringIO()
