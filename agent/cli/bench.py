@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
@@ -23,9 +23,12 @@ from engines.gpu import cuda_primary_context, gpu_info
 from engines.prepare import PreparedFR
 from engines.trt_build import EngineOptions, Profile, build_engines
 
+if TYPE_CHECKING:
+    from agent.pipeline.score import Scorer
+
 log = logging.getLogger(__name__)
 
-FORMS = ("dense", "dense+twin", "trunk", "selection")
+FORMS = ("dense", "dense+twin", "trunk", "selection", "selection int8")
 
 
 def _time(fn, batch: np.ndarray, faces: int, warmup: int = 1, min_reps: int = 1) -> float:
@@ -65,13 +68,8 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
             prepared = prepare_fr(FACENET, recipe, Path(cache) if cache else None)
             if form == "dense":
                 run = OnnxRuntimeBackend(prepared.dense, threads).run
-            elif form == "selection":  # the shared trunk, its statistics, ERS and the fused score
-                from agent.pipeline.detect import DetectorSpec
-                from agent.pipeline.score import Scorer
-                from agent.quality.selection import with_selection
-
-                scorer = Scorer(FACENET, build_pair(prepared, "trunk", threads, "onnxruntime"), batch_size)
-                with_selection(scorer, prepared, DetectorSpec(threads=threads))  # loads what bench_score built
+            elif form.startswith("selection"):  # the shared trunk, its statistics, ERS and the fused score
+                scorer, _ = _selection_scorer(form, recipe, threads, Path(cache) if cache else None, batch_size)
 
                 def run(b):
                     return scorer.selection(scorer.evidence_of(b))
@@ -80,6 +78,32 @@ def _worker(form: str, batch_size: int, faces: int, recipe: str, threads: int | 
                 run = pair.embed
         ms = _time(run, batch, faces)
         q.put((ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
+    except Exception as e:  # reported by the parent
+        q.put(e)
+
+
+def _selection_scorer(form: str, recipe: str | None, threads: int | None, cache: Path | None, batch: int = 32
+                      ) -> tuple[Scorer, PreparedFR]:
+    """The agent's scorer for form "selection" (FP32) or "selection int8", with its selection calibration (built by
+    the first call, loaded by the timed ones)."""
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.detect import DetectorSpec
+    from agent.pipeline.score import build_scorer
+    from agent.quality.ers_builtin import int8_calibration
+    from agent.quality.selection import with_selection
+
+    det = DetectorSpec(threads=threads)
+    int8 = int8_calibration(det) if form.endswith("int8") else None
+    scorer, prepared = build_scorer(FACENET, recipe, "trunk", threads, batch, cache, "onnxruntime", None, int8)
+    with_selection(scorer, prepared, det)
+    return scorer, prepared
+
+
+def _prepare_worker(recipe: str | None, threads: int | None, cache: Path | None, q: mp.Queue) -> None:
+    try:
+        recipe = str(_selection_scorer("selection", recipe, threads, cache)[1].recipe)
+        _selection_scorer("selection int8", recipe, threads, cache)
+        q.put(recipe)
     except Exception as e:  # reported by the parent
         q.put(e)
 
@@ -104,36 +128,29 @@ def _measure(form: str, batch: int, faces: int, recipe: str, threads: int | None
 
 def bench_score(recipe: str | None, batches: list[int], faces: int, threads: int | None, cache: Path | None,
                 out: TextIO) -> list[dict]:
-    from agent.backends.pairs import build_pair
-    from agent.common.fr_spec import FACENET
-    from agent.pipeline.detect import DetectorSpec
-    from agent.pipeline.score import Scorer
-    from agent.quality.selection import with_selection
-    from engines.prepare import prepare_fr
-
-    prepared = prepare_fr(FACENET, recipe, cache)  # once, outside the timed processes, with the selection's ERS
-    with_selection(Scorer(FACENET, build_pair(prepared, "trunk", threads, "onnxruntime")), prepared,
-                   DetectorSpec(threads=threads))
-    recipe = str(prepared.recipe)
+    # once, outside the timed processes (and in its own, whose peak RSS would pass to the later ones): the models,
+    # the INT8 graph and each selection calibration
+    recipe = in_fresh_process(_prepare_worker, (recipe, threads, cache), "bench score: preparing the models")
     out.write(f"# bestshot bench score: recipe {recipe}, threads {threads or 'all'}, "
               f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores\n")
     ref_ms, ref_rss = _measure("cv2.dnn", 1, max(8, faces // 4), recipe, threads, cache)
     out.write(f"reference cv2.dnn (original TF graph, batch 1): {ref_ms:.2f} ms/face, "
               f"{1000 / ref_ms:.1f} faces/s, peak RSS {ref_rss:.0f} MB\n")
-    out.write(f"{'form':12s} {'batch':>5s} {'ms/face':>8s} {'faces/s':>8s} {'x cv2.dnn':>9s} {'peak MB':>8s}\n")
+    out.write(f"{'form':14s} {'batch':>5s} {'ms/face':>8s} {'faces/s':>8s} {'x cv2.dnn':>9s} {'peak MB':>8s}\n")
     rows = []
     for batch in batches:
         for form in FORMS:
             ms, rss = _measure(form, batch, max(faces, batch), recipe, threads, cache)
             rows.append({"form": form, "batch": batch, "ms_per_face": ms, "peak_rss_mb": rss,
                          "speed_vs_cv2dnn": ref_ms / ms})
-            out.write(f"{form:12s} {batch:5d} {ms:8.2f} {1000 / ms:8.1f} {ref_ms / ms:9.2f} {rss:8.0f}\n")
+            out.write(f"{form:14s} {batch:5d} {ms:8.2f} {1000 / ms:8.1f} {ref_ms / ms:9.2f} {rss:8.0f}\n")
             out.flush()
     for batch in batches:
         by = {r["form"]: r["ms_per_face"] for r in rows if r["batch"] == batch}
         sep, trunk = by["dense+twin"] / by["dense"] - 1, by["trunk"] / by["dense"] - 1
         out.write(f"batch {batch}: cost over dense: separate twin {sep:+.0%}, shared trunk {trunk:+.0%}, "
-                  f"selection score {by['selection'] / by['dense']:.2f}x the dense pass\n")
+                  f"selection score {by['selection'] / by['dense']:.2f}x the dense pass, with INT8 "
+                  f"{by['selection int8'] / by['dense']:.2f}x\n")
     return rows
 
 

@@ -9,7 +9,7 @@ Without a hook, quality is PreFIQs' Q.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,6 +107,15 @@ class Scorer:
         return out
 
 
+@dataclass(frozen=True)
+class Int8Calibration:
+    """Aligned crops to calibrate INT8 activation ranges on (`crops(spec)`), and a name for them that changes
+    whenever they do (it names the quantized graph)."""
+
+    name: str
+    crops: Callable[[FRSpec], list[np.ndarray]]
+
+
 def build_scorer(
     spec: FRSpec,
     recipe: str | None = None,
@@ -116,8 +125,19 @@ def build_scorer(
     cache: Path | None = None,
     backend: str = "auto",
     engines: EngineOptions | None = None,
+    int8: Int8Calibration | None = None,
 ) -> tuple[Scorer, PreparedFR]:
+    """The scorer and its prepared model. `int8`: score with the INT8 copy of the shared-trunk graph (engines/int8.py)
+    on ONNX Runtime's CPU backend, calibrated on those crops; None: FP32 on `backend`."""
     prepared = prepare_fr(spec, recipe, cache)
     model_id = f"{spec.name}:{prepared.manifest['dense_sha256'][:12]}:{prepared.recipe}"
+    if int8 is not None:
+        if form != "trunk" or backend not in ("auto", "onnxruntime"):
+            raise ValueError(f"precision int8 runs the shared-trunk graph on the onnxruntime (CPU) backend, not form "
+                             f"{form!r} on backend {backend!r}")
+        from engines.int8 import prepare_int8
+
+        prepared = prepare_int8(prepared, lambda: preprocess(int8.crops(spec), spec), int8.name)
+        model_id, backend = f"{model_id}:int8", "onnxruntime"
     pair = build_pair(prepared, form, threads, backend, engines)
     return Scorer(spec, pair, max_batch, model_id), prepared

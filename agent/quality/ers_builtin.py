@@ -26,7 +26,7 @@ from agent.common.cache import locked
 from agent.common.fr_spec import FRSpec
 from agent.pipeline.align import align
 from agent.pipeline.detect import Detector, DetectorSpec, make_detector
-from agent.pipeline.score import Scorer
+from agent.pipeline.score import Int8Calibration, Scorer
 from agent.pipeline.sources.demo import people
 from agent.quality.ers import (
     ErsModel,
@@ -123,15 +123,28 @@ class CalibrationFaces:
     degraded: list[np.ndarray]
 
 
-def calibration_faces(scorer: Scorer, det_spec: DetectorSpec | None = None, seed: int = 0, positive_draws: int = 20,
+def calibration_faces(spec: FRSpec, det_spec: DetectorSpec | None = None, seed: int = 0, positive_draws: int = 20,
                       degraded_draws: int = 30) -> CalibrationFaces:
-    """The packaged faces' calibration material for the selection score (see `CalibrationFaces`)."""
+    """The packaged faces' calibration material for the selection score (see `CalibrationFaces`), aligned for
+    `spec`."""
     det_spec = det_spec or DetectorSpec()
     low = make_detector(replace(det_spec, score_threshold=0.05))
-    faces, _ = _faces(low, scorer.spec, det_spec.kind)
+    faces, _ = _faces(low, spec, det_spec.kind)
     rng = np.random.default_rng(seed)
     geometric = faces + [_geometric_variant(c, rng) for c in faces for _ in range(positive_draws)]
     return CalibrationFaces(geometric, *_variants(faces, np.random.default_rng(seed), positive_draws, degraded_draws))
+
+
+def int8_calibration(det_spec: DetectorSpec | None = None) -> Int8Calibration:
+    """INT8 calibration crops for `scoring.precision: int8`: all of the selection score's material (clean, geometric,
+    lightly and severely degraded packaged faces), so the activation ranges cover dark and noisy faces too."""
+    det_spec = det_spec or DetectorSpec()
+
+    def crops(spec: FRSpec) -> list[np.ndarray]:
+        faces = calibration_faces(spec, det_spec)
+        return faces.geometric + faces.recognisable + faces.degraded
+
+    return Int8Calibration(f"packaged-{det_spec.kind}-v1", crops)
 
 
 def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,

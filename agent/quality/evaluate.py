@@ -45,9 +45,10 @@ from agent.quality.baselines import LightQNet, lightqnet_crop, random_quality, r
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box, map_points, random_degradation
 from agent.quality.edc import bootstrap_pauc, edc, fmr_supported, pair_quality, threshold_at_fmr
 from agent.quality.ers import ErsModel, load_ers
-from agent.quality.ers_builtin import builtin_ers, calibration_faces, ensure_ers
+from agent.quality.ers_builtin import builtin_ers, calibration_faces, ensure_ers, int8_calibration
 from agent.quality.selection import STATS_CUES, SelectionScore, ensure_selection, raw_cues
 from agent.types import Detection
+from engines.int8 import prepare_int8
 from engines.prepare import PreparedFR, prepare_fr
 from engines.recipe import Recipe
 
@@ -163,8 +164,8 @@ class Evaluator:
     PreFIQs quality per (recipe, face)."""
 
     def __init__(self, lfw: Path = LFW, other_model: Path = OTHER_MODEL, lightqnet: Path = LIGHTQNET,
-                 threads: int | None = None, cache: Path | None = None):
-        self.lfw, self.threads, self.cache = Path(lfw), threads, cache
+                 threads: int | None = None, cache: Path | None = None, precision: str = "fp32"):
+        self.lfw, self.threads, self.cache, self.precision = Path(lfw), threads, cache, precision
         self.spec = FACENET
         self.other_spec = other_spec(other_model)
         self.detector = make_detector(DetectorSpec(input_size=256, threads=threads))  # LFW images are 250 px
@@ -245,6 +246,10 @@ class Evaluator:
                                                             self.threads)
             else:
                 self._prepared[recipe] = prepare_fr(self.spec, r, self.cache)
+            if self.precision == "int8":  # the agent's `scoring.precision: int8` graph and calibration
+                calib = int8_calibration(DetectorSpec(threads=self.threads))
+                self._prepared[recipe] = prepare_int8(self._prepared[recipe],
+                                                      lambda: preprocess(calib.crops(self.spec), self.spec), calib.name)
         return self._prepared[recipe]
 
     def trunk(self, recipe: str) -> SharedTrunk:
@@ -288,7 +293,7 @@ class Evaluator:
         if self._selection is None:
             scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
             self._selection = ensure_selection(scorer, self.prepared(recipe), self.ers(recipe), "fused",
-                                               lambda s: calibration_faces(s, DetectorSpec(threads=self.threads)))
+                                               lambda s: calibration_faces(s.spec, DetectorSpec(threads=self.threads)))
         return self._selection
 
     def cues(self, faces: Faces, recipe: str) -> dict[str, np.ndarray]:
@@ -685,16 +690,17 @@ def _subset(pairs: list, limit: int | None, seed: int) -> list:
 
 def eval_pairs(out: Path, recipes: Sequence[str], lfw: Path = LFW, other_model: Path = OTHER_MODEL,
                lightqnet: Path = LIGHTQNET, seed: int = 0, limit: int | None = None, threads: int | None = None,
-               cache: Path | None = None) -> dict:
+               cache: Path | None = None, precision: str = "fp32") -> dict:
     """EDC / pAUC of PreFIQs (each recipe) and the baselines on the LFW test pairs, clean and degraded protocols,
     scores from the scoring model and from `other_model`. Writes pairs.json, pairs.md and edc_*.png under `out`.
     `limit`: at most that many matched and mismatched pairs (a quick run)."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision)
     pairs = _subset(lfw_split(lfw)[0], limit, seed)
     faces, sets = pair_faces(ev, pairs, seed)
     methods = ev.methods(faces, recipes, seed)
-    res = {"config": {"recipes": list(recipes), "seed": seed, "pairs": len(pairs), "faces": len(faces),
+    res = {"config": {"recipes": list(recipes), "precision": precision, "seed": seed, "pairs": len(pairs),
+                      "faces": len(faces),
                       "scoring_model": ev.spec.name, "other_model": ev.other_spec.name, "pauc_limit": PAUC_LIMIT,
                       "discard": DISCARD.tolist()},
            "protocols": pair_results(ev, faces, sets, methods, recipes[0])}
@@ -713,13 +719,14 @@ def eval_pairs(out: Path, recipes: Sequence[str], lfw: Path = LFW, other_model: 
 def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path | None = VIDEO,
                 enrolments: dict[str, Path] | None = None, other_model: Path = OTHER_MODEL,
                 lightqnet: Path = LIGHTQNET, seed: int = 0, synthetic: int = 120, frames: int = 10,
-                threads: int | None = None, cache: Path | None = None, demo: bool = False) -> dict:
+                threads: int | None = None, cache: Path | None = None, demo: bool = False,
+                precision: str = "fp32") -> dict:
     """Best-shot selection: per method, the utility of the frame it picks per track, on `synthetic` LFW tracks of
     `frames` frames (test-split people), on the real clip `video` (None: skip) with its enrolment images and, with
     `demo`, on the embedded demo clip with its two source photos as enrolments.
     Writes tracks.json, tracks.md and tracks.png under `out`."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision)
     pairs = lfw_split(lfw)[0]
     people = sorted({a.person for a, b in pairs if a.person == b.person})
     people = sorted(np.random.default_rng(seed).permutation(people)[:synthetic].tolist())
@@ -728,7 +735,8 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
         sets.append(video_tracks(ev, video, enrolments or ENROLMENTS))
     if demo:
         sets.append(video_tracks(ev, demo_clip_path(), demo_enrolments(out / "demo-enrolments")))
-    res = {"config": {"recipes": list(recipes), "seed": seed, "synthetic": len(people), "frames": frames,
+    res = {"config": {"recipes": list(recipes), "precision": precision, "seed": seed, "synthetic": len(people),
+                      "frames": frames,
                       "video": str(video) if video else None, "utility_model": ev.other_spec.name},
            "sets": {}}
     for ts in sets:

@@ -199,7 +199,7 @@ def with_selection(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec,
     """Make the scorer's quality what `mode` says (the service, `score`, `curate` and `eval templates` all go
     through here): the FR model's ERS (saved, else built-in), then the selection hook. Returns the ERS."""
     ers = ensure_ers(scorer, prepared, det_spec)
-    scorer.selection = ensure_selection(scorer, prepared, ers, mode, lambda s: calibration_faces(s, det_spec))
+    scorer.selection = ensure_selection(scorer, prepared, ers, mode, lambda s: calibration_faces(s.spec, det_spec))
     return ers
 
 

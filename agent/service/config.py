@@ -86,6 +86,9 @@ class Scoring(Model):
     selection: Literal["fused", "prefiqs"] = Field(
         "fused", description="what `quality` is: fused = PreFIQs with ERS, activation statistics and the detector, "
                              "as the chance of a match at FMR 1e-3 (agent/quality/selection.py); prefiqs = Q alone")
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="int8: the shared-trunk graph quantized to INT8 (calibrated on the packaged faces), on "
+                            "ONNX Runtime's CPU backend; about twice as fast there (docs/PERFORMANCE.md)")
 
 
 class Defaults(Model):
@@ -332,6 +335,9 @@ def _problems(cfg: Config) -> list[str]:
         if cam.id in first:
             errors.append(f"cameras[{i}].id: camera id {cam.id!r} is already used by cameras[{first[cam.id]}]")
         first.setdefault(cam.id, i)
+    if cfg.scoring.precision == "int8" and (cfg.backend not in ("auto", "onnxruntime") or cfg.models.form != "trunk"):
+        errors.append(f"scoring.precision: int8 runs the shared-trunk graph on ONNX Runtime's CPU backend; backend "
+                      f"{cfg.backend!r} and models.form {cfg.models.form!r} need fp32")
     names = [o.name for o in cfg.output_configs()]
     errors += [f"outputs: two outputs are named {n!r} (give each its own `name`)" for n in sorted(set(names))
                if names.count(n) > 1]

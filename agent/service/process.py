@@ -25,6 +25,7 @@ from agent.pipeline.outputs.zeromq import Publisher, PublisherConfig
 from agent.pipeline.runner import Pipeline
 from agent.pipeline.score import build_scorer
 from agent.quality.diffprob import enrich_factory
+from agent.quality.ers_builtin import int8_calibration
 from agent.quality.selection import with_selection
 from agent.service import notify
 from agent.service.config import Config, ConfigError, load_config, to_camera
@@ -83,8 +84,9 @@ class Agent:
         self.cfg, self.live = cfg, live
         m = cfg.models
         use_cache_root(m.cache_dir)  # the detectors and the demo clip follow the FR model there
+        int8 = int8_calibration(cfg.defaults.detector) if cfg.scoring.precision == "int8" else None
         self.scorer, self.prepared = build_scorer(m.fr, m.recipe, m.form, cfg.scoring.threads, cfg.scoring.max_batch,
-                                                  m.cache_dir, cfg.backend, cfg.engines)
+                                                  m.cache_dir, cfg.backend, cfg.engines, int8)
         log.info("bestshot %s starting: model %s, %d camera(s)", __version__, self.scorer.model_id, len(cfg.cameras))
         for warning in cfg.warnings():
             log.warning("%s", warning)
