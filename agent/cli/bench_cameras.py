@@ -35,6 +35,7 @@ class CameraBench:
     threads: int | None = None
     detector: str = "centerface"
     detector_model: str | None = None  # the detector's ONNX file (None: CenterFace, built in)
+    precision: str = "fp32"  # scoring.precision
 
     def config(self, n: int, paced: bool) -> dict:
         """The agent's configuration for n cameras (paced: live-like; else decoded as fast as it goes)."""
@@ -43,7 +44,8 @@ class CameraBench:
         cams = [{"id": f"cam{i}", "url": self.clips[i % len(self.clips)], "source": source,
                  "detector": {"kind": self.detector, "path": self.detector_model, "input_size": self.detect_input},
                  "detect_every": self.detect_every} for i in range(n)]
-        return {"cameras": cams, "scoring": {"budget": self.budget if paced else None, "threads": self.threads},
+        return {"cameras": cams, "scoring": {"budget": self.budget if paced else None, "threads": self.threads,
+                                             "precision": self.precision},
                 "publisher": {"endpoint": "tcp://127.0.0.1:*"}, "metrics": {"listen": None}}
 
 
@@ -121,7 +123,7 @@ def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
               f"{mp.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {bench.fps:g} fps, "
               f"{bench.duration_s:g} s of media per camera, {bench.detector} detection on every "
               f"{bench.detect_every}. frame at {bench.detect_input} px, scoring budget "
-              f"{bench.budget or 'unlimited'} faces/s, threads {bench.threads or 'all'}\n")
+              f"{bench.budget or 'unlimited'} faces/s, scoring {bench.precision}, threads {bench.threads or 'all'}\n")
     refs = {}
     for clip in dict.fromkeys(bench.clips):
         refs[clip] = run_once(replace(bench, clips=(clip,)), 1, paced=False)

@@ -255,7 +255,7 @@ def cmd_bench_cameras(args) -> int:
 
         clips = [str(demo_clip_path())]
     bench = CameraBench(tuple(clips), args.fps, args.duration, args.detect_every, args.detect_input, args.budget,
-                        args.threads, args.detector or "centerface", args.detector_model)
+                        args.threads, args.detector or "centerface", args.detector_model, args.precision)
     res = bench_cameras(bench, parse_counts(args.cameras), sys.stdout)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
@@ -538,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-every", type=int, default=1, help="run the detector on every Nth frame")
     p.add_argument("--threads", type=int, default=None)
     _detector_args(p)
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="scoring.precision")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=cmd_bench_cameras)
     return parser

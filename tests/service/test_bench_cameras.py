@@ -22,12 +22,14 @@ def test_counts_and_shots_changed() -> None:
     assert shots_changed(run, refs, ("a", "b")) == (2, 5)
 
 
-def test_the_bench_runs_the_detector_it_is_given(shared_dir) -> None:
+def test_the_bench_runs_the_detector_and_precision_it_is_given(shared_dir) -> None:
     from agent.service.config import parse_config
 
     yunet = str(shared_dir / "models/yunet_s_dynamic.onnx")
-    bench = CameraBench(("a.mp4", "b.mp4"), detect_input=480, detector="yunet", detector_model=yunet)
-    cams = parse_config(bench.config(3, paced=True)).camera_configs()
+    bench = CameraBench(("a.mp4", "b.mp4"), detect_input=480, detector="yunet", detector_model=yunet, precision="int8")
+    cfg = parse_config(bench.config(3, paced=True))
+    cams = cfg.camera_configs()
+    assert cfg.scoring.precision == "int8"
     assert [(c.url, c.detector.kind, c.detector.path, c.detector.input_size) for c in cams] == [
         ("a.mp4", "yunet", yunet, 480), ("b.mp4", "yunet", yunet, 480), ("a.mp4", "yunet", yunet, 480)]
     default = parse_config(CameraBench(("a.mp4",)).config(1, paced=True)).camera_configs()
