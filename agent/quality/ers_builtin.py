@@ -144,7 +144,7 @@ def int8_calibration(det_spec: DetectorSpec | None = None) -> Int8Calibration:
         faces = calibration_faces(spec, det_spec)
         return faces.geometric + faces.recognisable + faces.degraded
 
-    return Int8Calibration(f"packaged-{det_spec.kind}-v1", crops)
+    return Int8Calibration(f"packaged-{det_spec.kind}-v2", crops)
 
 
 def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_draws: int = 20,
