@@ -75,3 +75,15 @@ def test_int8_needs_the_cpu_trunk():
         parse_config({"cameras": [{"id": "a", "url": "a.mp4"}], "scoring": {"precision": "int8"},
                       "backend": "onnxruntime-cuda"})
     assert parse_config({"cameras": [{"id": "a", "url": "a.mp4"}]}).scoring.precision == "fp32"
+
+
+def test_eval_runs_the_agents_int8_graph(shared_dir):
+    from agent.cli.main import build_parser
+    from agent.quality.evaluate import Evaluator
+    from engines.prepare import FACENET_RECIPE
+
+    args = build_parser().parse_args(["eval", "tracks", "--precision", "int8"])
+    assert args.precision == "int8"
+    prepared = Evaluator(shared_dir / "data/lfw", precision=args.precision).prepared(FACENET_RECIPE)
+    _, agents = build_scorer(FACENET, FACENET_RECIPE, int8=int8_calibration())
+    assert prepared.pair == agents.pair and prepared.manifest["precision"] == "int8"
