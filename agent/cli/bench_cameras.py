@@ -68,7 +68,7 @@ def _run(bench: CameraBench, n: int, paced: bool) -> dict:
     stats = [w.source.stats for w in [*agent.pipeline.finished, *agent.pipeline.workers.values()]]
     times, frames = agent.pipeline.times, max(1, summary.frames)
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    lat = agent.pipeline.end_latency_s
+    lat, flush = agent.pipeline.end_latency_s, agent.pipeline.flush_latency_s
     return {
         "cameras": n, "paced": paced, "seconds": summary.seconds, "frames": summary.frames,
         "frames_offered": sum(s.decoded - s.dropped_fps for s in stats),
@@ -77,6 +77,7 @@ def _run(bench: CameraBench, n: int, paced: bool) -> dict:
         "stage_core_share": {k: times.ms[k] / 1000.0 / summary.seconds for k in STAGES if k in times.ms},
         "cpu_cores": cpu / summary.seconds, "faces_detected": summary.detections, "faces_scored": summary.scored,
         "shots": summary.published, "end_to_message_ms_median": statistics.median(lat) * 1000 if lat else None,
+        "flush_to_message_ms_median": statistics.median(flush) * 1000 if flush else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "tracks": shots,
     }
 
@@ -109,10 +110,11 @@ def shots_changed(run: dict, refs: dict[str, dict], clips: tuple[str, ...]) -> t
 
 def _line(r: dict) -> str:
     stages = " / ".join(f"{r['stage_ms_per_frame'].get(k, 0.0):.1f}" for k in STAGES)
-    lat = r["end_to_message_ms_median"]
+    lat, flush = (r[k] if r[k] is not None else float("nan") for k in ("end_to_message_ms_median",
+                                                                        "flush_to_message_ms_median"))
     return (f"{r['cameras']:3d} {r['frames']:7d} {r['frames_offered']:7d} {r['dropped']:7d} "
             f"{r['frames'] / r['seconds']:7.1f} {r['cpu_cores']:5.2f} {r['faces_scored']:6d} "
-            f"{lat if lat is not None else float('nan'):7.0f} {r['peak_rss_mb']:6.0f} "
+            f"{lat:7.0f} {flush:8.0f} {r['peak_rss_mb']:6.0f} "
             f"{r.get('changed_share', float('nan')):7.1%}  {stages}")
 
 
@@ -132,8 +134,9 @@ def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
                   f"{r['seconds']:.1f} s = {r['frames'] / r['seconds'] / bench.fps:.2f}x real time at "
                   f"{bench.fps:g} fps, {r['faces_scored']} faces scored, {len(r['tracks'])} tracks, track end -> "
                   f"message median {r['end_to_message_ms_median'] or float('nan'):.0f} ms\n")
-    out.write("  N  frames offered dropped  fr/s  cores scored e2m_ms  rss_MB changed  ms/frame decode / detect / "
-              "track / align / score / publish\n")
+    # e2m_ms: tracks the tracker ended (unseen for max_lost_s); flush_ms: those open when the media ran out
+    out.write("  N  frames offered dropped  fr/s  cores scored e2m_ms flush_ms  rss_MB changed  ms/frame decode / "
+              "detect / track / align / score / publish\n")
     runs, best = [], 0
     for n in counts:
         r = run_once(bench, n, paced=True)

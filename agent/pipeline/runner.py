@@ -153,15 +153,15 @@ class CameraWorker(threading.Thread):
             g = self.gates[camera] = Gate(camera, self.cam.selection, self.budget)
         return g
 
-    def _end(self, camera: str, track_ids: list[int]) -> None:
+    def _end(self, camera: str, track_ids: list[int], flush: bool = False) -> None:
+        """flush: the tracks end because the stream did (or the agent stops), not because the tracker lost them."""
         gate = self._gate(camera)
         for tid in track_ids:
             pending, end = gate.end(tid)
             if pending is not None:
                 self.out.put(pending)
             if end is not None:
-                end_wall = time.time()
-                self.out.put((end, end_wall))
+                self.out.put((end, time.time(), flush))
 
     def _items(self) -> Iterator[tuple[Frame | None, list[TrackedFace] | None]]:
         if isinstance(self.source, UpstreamSource):
@@ -190,7 +190,7 @@ class CameraWorker(threading.Thread):
             log.exception("camera %s: worker failed", self.cam.id)
         finally:
             for camera, tr in trackers.items():
-                self._end(camera, tr.finish())
+                self._end(camera, tr.finish(), flush=True)
             self.out.put(_Eos(self.cam.id, self))
 
     def _cap_open(self, trackers: dict[str, _Ends], camera: str, ended: list[int]) -> None:
@@ -275,7 +275,10 @@ class Pipeline:
         self.published = 0
         self.scored = 0
         self.heartbeat = time.monotonic()  # the scoring loop's latest turn (liveness: agent.service.metrics.Liveness)
+        # track end -> message, for tracks the tracker ended (unseen for max_lost_s) and for those a stream's end or a
+        # stop flushed (all of a camera's open tracks at once)
         self.end_latency_s: list[float] = []
+        self.flush_latency_s: list[float] = []
         # Live inputs whose worker failed: restarted after a backoff (1 s doubling to 60 s), never left dead.
         self.restarts: dict[str, int] = {}
         self.pending: dict[str, tuple[float, CameraConfig, str]] = {}  # camera -> (when, config, the error)
@@ -411,11 +414,11 @@ class Pipeline:
             self.times.add("score", time.perf_counter() - t, len(cands))
             self.scored += len(cands)
         for item in items:
-            shot, end_wall = None, None
+            shot, end_wall, flush = None, None, False
             if isinstance(item, Candidate):
                 shot = self._selector(item.camera).add(item)
             elif isinstance(item, tuple):
-                end, end_wall = item
+                end, end_wall, flush = item
                 shot = self._selector(end.camera).end(end)
             elif isinstance(item, _Eos):
                 worker = item.worker
@@ -439,4 +442,4 @@ class Pipeline:
                     self.published += 1
                 self.times.add("publish", time.perf_counter() - t)
                 if end_wall is not None:
-                    self.end_latency_s.append(time.time() - end_wall)
+                    (self.flush_latency_s if flush else self.end_latency_s).append(time.time() - end_wall)

@@ -135,3 +135,22 @@ def test_deterministic_for_a_seed(tmp_path) -> None:
     assert not np.array_equal(decode(a), decode(c))
     assert all(30 <= f["size"] <= 100 for faces in load_truth(a)["faces"] for f in faces)  # sizes scale with height
 
+
+
+def test_track_end_latency_tells_tracker_ends_from_the_streams_end() -> None:
+    """The demo's first two people leave before its end (the tracker ends their tracks), the last two are still on
+    screen when it ends (flushed): each end's latency is counted in its own list."""
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, Pipeline
+    from agent.pipeline.score import build_scorer
+
+    truth = load_truth(demo_clip_path())
+    last = max(f for t in truth["tracks"] for f in t["frames"])
+    flushed = sum(max(t["frames"]) + truth["fps"] * 1.0 > last for t in truth["tracks"])  # max_lost_s 1.0
+    scorer, _ = build_scorer(FACENET)
+    shots = []
+    pipeline = Pipeline([CameraConfig(id="demo", url=str(demo_clip_path()), detect_every=2)], FACENET, scorer,
+                        lambda s: shots.append(s) or True)
+    pipeline.run()
+    assert (len(pipeline.end_latency_s), len(pipeline.flush_latency_s)) == (4 - flushed, flushed) == (2, 2)
+    assert len({s.track_id for s in shots}) == 4

@@ -50,7 +50,8 @@ def test_bench_cameras_report_adds_up() -> None:
         assert r["frames_offered"] == n * per_camera and r["frames"] + r["dropped"] == r["frames_offered"]
         assert {"decode", "detect", "align"} <= set(r["stage_ms_per_frame"]) <= set(STAGES)
         assert r["faces_scored"] <= r["faces_detected"] and 0 < r["cpu_cores"] and 100 < r["peak_rss_mb"]
-        assert r["shots"] >= n and r["end_to_message_ms_median"] is not None
+        # 3 s of the demo: every track is still open when the media runs out, and flushed then
+        assert r["shots"] >= n and r["flush_to_message_ms_median"] is not None
         assert r["tracks_compared"] == n * ref["tracks"] and r["tracks"] >= n
         assert 0 <= r["shots_changed"] <= r["tracks_compared"]
     text = out.getvalue()
