@@ -46,7 +46,8 @@ class RunSummary:
     published: int  # shots at least one output took (each shot once, however many outputs)
     dropped: int  # shots lost, counted per output that lost them
     seconds: float
-    end_latency_ms_median: float | None
+    end_latency_ms_median: float | None  # tracks the tracker ended (unseen for max_lost_s)
+    flush_latency_ms_median: float | None = None  # tracks a stream's end or the stop flushed
     inputs: int = 0  # cameras and upstream inputs that ran (once each, however often restarted)
     failed: dict[str, str] = field(default_factory=dict)  # camera -> why its input ended for good
     per_output: dict[str, int] = field(default_factory=dict)  # output name -> shots it took
@@ -165,7 +166,7 @@ class Agent:
         finally:
             self.outputs.close(CLOSE_TIMEOUT_S)
         workers = [*self.pipeline.finished, *self.pipeline.workers.values()]
-        lat = self.pipeline.end_latency_s
+        lat, flush = self.pipeline.end_latency_s, self.pipeline.flush_latency_s
         ended = self.pipeline.ended
         return RunSummary(
             frames=sum(w.frames for w in workers), detections=sum(w.detections for w in workers),
@@ -173,6 +174,7 @@ class Agent:
             published=self.pipeline.published, dropped=self.outputs.dropped,
             seconds=time.monotonic() - t0,
             end_latency_ms_median=statistics.median(lat) * 1000 if lat else None,
+            flush_latency_ms_median=statistics.median(flush) * 1000 if flush else None,
             inputs=len(ended), failed={cam: why for cam, why in ended.items() if why is not None},
             per_output={o.name: o.counts.published for o in self.outputs.outputs},
         )
