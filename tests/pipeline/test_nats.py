@@ -274,7 +274,9 @@ def test_a_conflicting_stream_is_an_error_naming_each_difference(tmp_path: Path,
                                 stream=StreamSettings(max_bytes=64 * MiB)))
     try:
         out.submit(real_shot(1), new_shot_id())
-        wait_until("the conflict found", lambda: "other settings" in out.health()[1].get("reason", ""))
+        # the stream is checked at connect, so the conflict can show before the shot reaches the spool
+        wait_until("the conflict found and the shot spooled",
+                   lambda: "other settings" in out.health()[1].get("reason", "") and out.counts.spooled == 1)
         ok, details = out.health()
         assert out.counts.spooled == 1 and not ok
         assert "stream BESTSHOT exists with other settings: max_age_s is 60, configured 604800" in details["reason"]
