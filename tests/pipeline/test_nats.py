@@ -37,8 +37,15 @@ from nats.js.api import AckPolicy, ConsumerConfig
 async def main():
     async def quiet(e): pass
     nc = await nats.connect(servers=sys.argv[1].split(","), error_cb=quiet)
-    sub = await nc.jetstream().pull_subscribe("bestshot.>", durable=sys.argv[2], stream="BESTSHOT",
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=2.0, max_deliver=-1))
+    for attempt in range(10):  # right after the leader kills the cluster's API may still time out: bounded retries
+        try:
+            sub = await nc.jetstream().pull_subscribe("bestshot.>", durable=sys.argv[2], stream="BESTSHOT",
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=2.0, max_deliver=-1))
+            break
+        except nats.errors.TimeoutError:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(1)
     msgs = await sub.fetch(10, timeout=20)
     print("fetched", len(msgs), flush=True)
     await asyncio.sleep(120)
