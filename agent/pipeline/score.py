@@ -115,6 +115,12 @@ class Int8Calibration:
     name: str
     crops: Callable[[FRSpec], list[np.ndarray]]
 
+    def prepare(self, prepared: PreparedFR) -> PreparedFR:
+        """`prepared` with its pair graph quantized on these crops (engines/int8.py; made once, then reused)."""
+        from engines.int8 import prepare_int8
+
+        return prepare_int8(prepared, lambda: preprocess(self.crops(prepared.spec), prepared.spec), self.name)
+
 
 def build_scorer(
     spec: FRSpec,
@@ -135,9 +141,7 @@ def build_scorer(
         if form != "trunk" or backend not in ("auto", "onnxruntime"):
             raise ValueError(f"precision int8 runs the shared-trunk graph on the onnxruntime (CPU) backend, not form "
                              f"{form!r} on backend {backend!r}")
-        from engines.int8 import prepare_int8
-
-        prepared = prepare_int8(prepared, lambda: preprocess(int8.crops(spec), spec), int8.name)
+        prepared = int8.prepare(prepared)
         model_id, backend = f"{model_id}:int8", "onnxruntime"
     pair = build_pair(prepared, form, threads, backend, engines)
     return Scorer(spec, pair, max_batch, model_id), prepared

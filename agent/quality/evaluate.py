@@ -48,7 +48,6 @@ from agent.quality.ers import ErsModel, load_ers
 from agent.quality.ers_builtin import builtin_ers, calibration_faces, ensure_ers, int8_calibration
 from agent.quality.selection import STATS_CUES, SelectionScore, ensure_selection, raw_cues
 from agent.types import Detection
-from engines.int8 import prepare_int8
 from engines.prepare import PreparedFR, prepare_fr
 from engines.recipe import Recipe
 
@@ -247,9 +246,8 @@ class Evaluator:
             else:
                 self._prepared[recipe] = prepare_fr(self.spec, r, self.cache)
             if self.precision == "int8":  # the agent's `scoring.precision: int8` graph and calibration
-                calib = int8_calibration(DetectorSpec(threads=self.threads))
-                self._prepared[recipe] = prepare_int8(self._prepared[recipe],
-                                                      lambda: preprocess(calib.crops(self.spec), self.spec), calib.name)
+                self._prepared[recipe] = int8_calibration(DetectorSpec(threads=self.threads)).prepare(
+                    self._prepared[recipe])
         return self._prepared[recipe]
 
     def trunk(self, recipe: str) -> SharedTrunk:
