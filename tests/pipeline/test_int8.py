@@ -53,8 +53,8 @@ def test_int8_ranks_faces_as_fp32_does(crops):
     print(f"INT8 vs FP32 on {len(crops)} crops: embedding cosine min {cos.min():.4f} mean {cos.mean():.4f}; "
           f"Spearman quality {rho_q:.3f}, PreFIQs {rho_p:.3f}")
     # measured 2026-12-02: cosine min 0.9849, mean 0.9961; Spearman quality 0.991 (0.979 with an older cache's FP32
-    # selection calibration), PreFIQs 0.980 (full-range
-    # weights, without reduce_range, fell to cosine 0.70 on some LFW faces)
+    # selection calibration), PreFIQs 0.980 (full-range weights, without reduce_range, fell to cosine 0.70 on some
+    # LFW faces)
     assert cos.min() >= 0.97 and cos.mean() >= 0.99
     assert rho_q >= 0.96 and rho_p >= 0.96
 
