@@ -3,11 +3,11 @@
 ONNX Runtime's quantizer calibrates each activation's range (min/max) on real aligned crops, then stores weights
 as int8 per output channel and activations as uint8. `reduce_range` keeps weights to 7 bits: on x86 CPUs without
 VNNI (AVX2 only) the 8-bit multiply-add saturates, and with full-range weights the dense embedding's cosine to
-FP32 fell to 0.70 on some LFW faces (0.985 with reduce_range; docs/PERFORMANCE.md).
+FP32 fell to 0.70 on some LFW faces (at least 0.985 with reduce_range; docs/PERFORMANCE.md).
 
-The quantized graph lives in its own folder beside the recipe's (`<recipe>-int8/`), named by the FP32 graph's and
-the calibration's hashes, so the selection score's calibration (selection.json) is built for the numbers it scores,
-while the FR model's ERS (one folder up) is shared with FP32.
+The quantized graph lives in its own folder beside the recipe's (`<recipe>-int8/`), named by the FP32 graph's hash
+and the calibration material's name, so the selection score's calibration (selection.json) is built for the numbers
+it scores, while the FR model's ERS (one folder up) is shared with FP32.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Literal
 import zmq
 
 from agent.common.keys import check_secret_file, load_public_key
-from agent.pipeline.outputs.zeromq import TOPIC_PREFIX, Message, decode
+from agent.pipeline.outputs.zeromq import TOPIC_PREFIX, Message, decode, is_ipv6
 from agent.service.live import LiveView, exposure_problems, read_token
 from agent.service.metrics import serve
 
@@ -94,7 +94,7 @@ def subscribe(endpoint: str, out_dir: Path | None = None, count: int | None = No
         curve = (load_public_key(server_public_key), *check_secret_file(client_secret_key))
     sock = (context or zmq.Context.instance()).socket(zmq.SUB if mode == "sub" else zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IPV6, "[" in endpoint)  # ZeroMQ connects to IPv6 addresses only when told
+    sock.setsockopt(zmq.IPV6, is_ipv6(endpoint))
     if curve is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     if mode == "sub":

@@ -201,6 +201,12 @@ def _check_ipc_free(endpoint: str) -> None:
     raise BindError(f"cannot bind {endpoint}: address already in use")
 
 
+def is_ipv6(endpoint: str) -> bool:
+    """True for a bracketed IPv6 endpoint (tcp://[::1]:5556): ZeroMQ binds and connects to those only with its IPV6
+    option set."""
+    return "[" in endpoint
+
+
 class Publisher:
     """Binds a PUB (or PUSH) socket and sends best shots without ever blocking the caller.
 
@@ -256,7 +262,7 @@ class Publisher:
     def _socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUB if self.config.mode == "pub" else zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self.config.sndhwm)
-        sock.setsockopt(zmq.IPV6, "[" in self.config.endpoint)  # ZeroMQ binds IPv6 addresses only when told
+        sock.setsockopt(zmq.IPV6, is_ipv6(self.config.endpoint))
         sock.setsockopt(zmq.LINGER, self.config.linger_ms)
         if self._keys is not None:
             sock.curve_publickey, sock.curve_secretkey = self._keys
