@@ -34,7 +34,7 @@ class CameraBench:
     budget: float | None = 30.0
     threads: int | None = None
     detector: str = "centerface"
-    detector_model: str | None = None  # the detector's ONNX file (None: CenterFace, built in)
+    detector_model: str | None = None  # the detector's ONNX file (None: CenterFace or RetinaFace, from their wheels)
     precision: str = "fp32"  # scoring.precision
 
     def config(self, n: int, paced: bool) -> dict:

@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _detector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", choices=["centerface", "yunet", "scrfd", "retinaface"], help="default centerface")
-    p.add_argument("--detector-model", default=None, help="ONNX file of the detector (CenterFace: built in)")
+    p.add_argument("--detector-model", default=None,
+                   help="ONNX file of the detector (CenterFace, RetinaFace: from their wheels)")
 
 
 def _models(args):
@@ -95,16 +96,12 @@ def cmd_build_engines(args) -> int:
 
 def cmd_models(args) -> int:
     from agent.cli.score import models_report, print_models
+    from agent.pipeline.detect import detector_path
     from engines.prepare import prepare_fr
 
     fr, recipe, cache, det, _ = _models(args)
     prepared = prepare_fr(fr, recipe, cache)
-    if det.path is None:
-        from engines.centerface import default_centerface_path
-
-        det_path = default_centerface_path()
-    else:
-        det_path = Path(det.path)
+    det_path = detector_path(det)
     from engines.trt_build import engine_lines, engine_report
 
     report = models_report(prepared, det_path)

