@@ -296,11 +296,18 @@ def cmd_ers_calibrate(args) -> int:
     return 0
 
 
+def _eval_detector(args):
+    from agent.pipeline.detect import DetectorSpec
+
+    return DetectorSpec(kind=args.detector or "centerface", path=args.detector_model)
+
+
 def cmd_eval_pairs(args) -> int:
     from agent.quality.evaluate import eval_pairs
 
     res = eval_pairs(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", seed=args.seed,
-                     limit=args.limit, threads=args.threads, cache=args.cache, precision=args.precision)
+                     limit=args.limit, threads=args.threads, cache=args.cache, precision=args.precision,
+                     detector=_eval_detector(args))
     log.info("wrote %s (%.0f s)", args.out / "pairs.md", res["seconds"])
     return 0
 
@@ -311,7 +318,7 @@ def cmd_eval_tracks(args) -> int:
     video = None if args.no_video else args.shared / "data/video/short_hamilton_clip.mp4"
     res = eval_tracks(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", video=video, seed=args.seed,
                       synthetic=args.synthetic, threads=args.threads, cache=args.cache, demo=args.demo,
-                      precision=args.precision)
+                      precision=args.precision, detector=_eval_detector(args))
     log.info("wrote %s (%.0f s)", args.out / "tracks.md", res["seconds"])
     return 0
 
@@ -450,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", type=Path)
         p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                        help="the scoring graph's precision (int8: as `scoring.precision: int8` runs it)")
+        _detector_args(p)
         p.set_defaults(func=func)
     p = ev.add_parser("templates", help="track templates vs best single frame vs plain mean (LFW pseudo-tracks)")
     p.add_argument("--shared", type=Path, default=default_shared)

@@ -24,7 +24,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -163,11 +163,13 @@ class Evaluator:
     PreFIQs quality per (recipe, face)."""
 
     def __init__(self, lfw: Path = LFW, other_model: Path = OTHER_MODEL, lightqnet: Path = LIGHTQNET,
-                 threads: int | None = None, cache: Path | None = None, precision: str = "fp32"):
+                 threads: int | None = None, cache: Path | None = None, precision: str = "fp32",
+                 detector: DetectorSpec | None = None):
         self.lfw, self.threads, self.cache, self.precision = Path(lfw), threads, cache, precision
+        self.det = replace(detector or DetectorSpec(), threads=threads)  # what the agent would run (clips, calibration)
         self.spec = FACENET
         self.other_spec = other_spec(other_model)
-        self.detector = make_detector(DetectorSpec(input_size=256, threads=threads))  # LFW images are 250 px
+        self.detector = make_detector(replace(self.det, input_size=256))  # LFW images are 250 px
         # prepare_fr builds a twin too; only the dense model is used, so any recipe with layers in every model
         self.other = OnnxRuntimeBackend(prepare_fr(self.other_spec, "2:4@0.75-1", cache).dense, threads)
         self.lightqnet = LightQNet(lightqnet, threads)
@@ -246,7 +248,7 @@ class Evaluator:
             else:
                 self._prepared[recipe] = prepare_fr(self.spec, r, self.cache)
             if self.precision == "int8":  # the agent's `scoring.precision: int8` graph and calibration
-                self._prepared[recipe] = int8_calibration(DetectorSpec(threads=self.threads)).prepare(
+                self._prepared[recipe] = int8_calibration(self.det).prepare(
                     self._prepared[recipe])
         return self._prepared[recipe]
 
@@ -291,7 +293,7 @@ class Evaluator:
         if self._selection is None:
             scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
             self._selection = ensure_selection(scorer, self.prepared(recipe), self.ers(recipe), "fused",
-                                               lambda s: calibration_faces(s.spec, DetectorSpec(threads=self.threads)))
+                                               lambda s: calibration_faces(s.spec, self.det))
         return self._selection
 
     def cues(self, faces: Faces, recipe: str) -> dict[str, np.ndarray]:
@@ -321,13 +323,14 @@ class Evaluator:
 
     def ers(self, recipe: str) -> ErsModel:
         """The built-in ERS of the scoring model (the recipe only supplies the dense pass): the one the agent saved
-        beside the model, else built now (and saved when nothing is saved there). A saved LFW calibration (`bestshot
-        ers calibrate`) is not used: it has seen the evaluation's faces."""
+        beside the model when this run's detector built it, else built now (and saved when nothing is saved there).
+        A saved LFW calibration (`bestshot ers calibrate`) is not used: it has seen the evaluation's faces."""
         if self._ers is None:
             scorer, prepared = Scorer(self.spec, self.trunk(recipe), BATCH), self.prepared(recipe)
-            det = DetectorSpec(threads=self.threads)
+            det = self.det
             saved = load_ers(prepared)
-            if saved is None or saved.info.get("source") == "builtin":
+            if saved is None or (saved.info.get("source") == "builtin"
+                                 and saved.info.get("built", {}).get("detector") == det.kind):
                 # None when it cannot be built: building again raises, naming why
                 self._ers = ensure_ers(scorer, prepared, det) or builtin_ers(scorer, det)
             else:
@@ -482,7 +485,7 @@ def video_tracks(ev: Evaluator, video: Path, enrolments: dict[str, Path], thresh
     similar to an enrolment image (the most similar one names it) and it has `min_frames` frames or more."""
     import av
 
-    detector = make_detector(DetectorSpec(threads=ev.threads))
+    detector = make_detector(ev.det)
     enrol_items = []
     for n, path in enrolments.items():
         image = cv2.imread(str(path))
@@ -688,16 +691,18 @@ def _subset(pairs: list, limit: int | None, seed: int) -> list:
 
 def eval_pairs(out: Path, recipes: Sequence[str], lfw: Path = LFW, other_model: Path = OTHER_MODEL,
                lightqnet: Path = LIGHTQNET, seed: int = 0, limit: int | None = None, threads: int | None = None,
-               cache: Path | None = None, precision: str = "fp32") -> dict:
+               cache: Path | None = None, precision: str = "fp32", detector: DetectorSpec | None = None) -> dict:
     """EDC / pAUC of PreFIQs (each recipe) and the baselines on the LFW test pairs, clean and degraded protocols,
     scores from the scoring model and from `other_model`. Writes pairs.json, pairs.md and edc_*.png under `out`.
-    `limit`: at most that many matched and mismatched pairs (a quick run)."""
+    `limit`: at most that many matched and mismatched pairs (a quick run). `detector`: the detector's kind and model
+    (default: CenterFace)."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision, detector)
     pairs = _subset(lfw_split(lfw)[0], limit, seed)
     faces, sets = pair_faces(ev, pairs, seed)
     methods = ev.methods(faces, recipes, seed)
-    res = {"config": {"recipes": list(recipes), "precision": precision, "seed": seed, "pairs": len(pairs),
+    res = {"config": {"recipes": list(recipes), "precision": precision, "detector": ev.det.kind, "seed": seed,
+                      "pairs": len(pairs),
                       "faces": len(faces),
                       "scoring_model": ev.spec.name, "other_model": ev.other_spec.name, "pauc_limit": PAUC_LIMIT,
                       "discard": DISCARD.tolist()},
@@ -718,13 +723,13 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
                 enrolments: dict[str, Path] | None = None, other_model: Path = OTHER_MODEL,
                 lightqnet: Path = LIGHTQNET, seed: int = 0, synthetic: int = 120, frames: int = 10,
                 threads: int | None = None, cache: Path | None = None, demo: bool = False,
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", detector: DetectorSpec | None = None) -> dict:
     """Best-shot selection: per method, the utility of the frame it picks per track, on `synthetic` LFW tracks of
     `frames` frames (test-split people), on the real clip `video` (None: skip) with its enrolment images and, with
     `demo`, on the embedded demo clip with its two source photos as enrolments.
-    Writes tracks.json, tracks.md and tracks.png under `out`."""
+    Writes tracks.json, tracks.md and tracks.png under `out`. `detector`: as for `eval_pairs`."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision, detector)
     pairs = lfw_split(lfw)[0]
     people = sorted({a.person for a, b in pairs if a.person == b.person})
     people = sorted(np.random.default_rng(seed).permutation(people)[:synthetic].tolist())
@@ -733,7 +738,8 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
         sets.append(video_tracks(ev, video, enrolments or ENROLMENTS))
     if demo:
         sets.append(video_tracks(ev, demo_clip_path(), demo_enrolments(out / "demo-enrolments")))
-    res = {"config": {"recipes": list(recipes), "precision": precision, "seed": seed, "synthetic": len(people),
+    res = {"config": {"recipes": list(recipes), "precision": precision, "detector": ev.det.kind, "seed": seed,
+                      "synthetic": len(people),
                       "frames": frames,
                       "video": str(video) if video else None, "utility_model": ev.other_spec.name},
            "sets": {}}

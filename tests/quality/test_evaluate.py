@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.pipeline.detect import DetectorSpec
+from agent.pipeline.detect import DetectorSpec, RetinaFaceDetector
 from agent.pipeline.select import sharpness
 from agent.quality import ers_builtin, evaluate
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box
@@ -132,6 +132,21 @@ def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_d
     monkeypatch.setattr(evaluate, "load_ers", lambda prepared: lfw)
     monkeypatch.setattr(evaluate, "builtin_ers", lambda scorer, det: fresh)
     assert ev.ers(FACENET_RECIPE) is fresh
+    # nor is a built-in one that another detector than this run's built
+    ev._ers = None
+    other = ErsModel(saved.uic, 1.0, None, None, {"source": "builtin", "built": {"detector": "retinaface"}})
+    monkeypatch.setattr(evaluate, "load_ers", lambda prepared: other)
+    assert ev.ers(FACENET_RECIPE) is fresh
+
+
+def test_eval_runs_the_detector_it_is_given(shared_dir, tmp_path):
+    """`eval --detector retinaface`: the LFW stills, the calibration material and the clips all go through it."""
+    res = eval_pairs(tmp_path, [FACENET_RECIPE], lfw=shared_dir / "data/lfw", limit=2, seed=1,
+                     detector=DetectorSpec(kind="retinaface"))
+    assert res["config"]["detector"] == "retinaface" and res["config"]["pairs"] == 4
+    ev = Evaluator(shared_dir / "data/lfw", detector=DetectorSpec(kind="retinaface"))
+    assert isinstance(ev.detector, RetinaFaceDetector) and ev.detector.spec.input_size == 256
+    assert ev.det.kind == "retinaface" and ev.det.input_size == 640
 
 
 def _tiny_model() -> onnx.ModelProto:
