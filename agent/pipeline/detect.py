@@ -316,6 +316,23 @@ def detector_path(spec: DetectorSpec) -> Path:
     raise ValueError(f"a {spec.kind} detector needs a model path")
 
 
+def detector_problem(spec: DetectorSpec) -> str | None:
+    """Why `spec` cannot be built, found without loading a model (the config check); None when nothing is wrong."""
+    if spec.path is not None:
+        return None if Path(spec.path).is_file() else f"{spec.path}: no such file"
+    if spec.kind == "centerface":
+        from engines.centerface import centerface_source as source
+    elif spec.kind == "retinaface":
+        from engines.retinaface import retinaface_source as source
+    else:
+        return f"a {spec.kind} detector needs `path`, its ONNX file"
+    try:
+        source()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
 def make_detector(spec: DetectorSpec) -> Detector:
     """Build the detector `spec` names (see `detector_path` for the model it runs)."""
     if spec.kind not in _KINDS:

