@@ -137,10 +137,12 @@ def test_deterministic_for_a_seed(tmp_path) -> None:
 
 
 
-def test_track_end_latency_tells_tracker_ends_from_the_streams_end() -> None:
+@pytest.mark.parametrize("detector", ["centerface", "retinaface"])
+def test_track_end_latency_tells_tracker_ends_from_the_streams_end(detector: str) -> None:
     """The demo's first two people leave before its end (the tracker ends their tracks), the last two are still on
-    screen when it ends (flushed): each end's latency is counted in its own list."""
+    screen when it ends (flushed): each end's latency is counted in its own list. With either wheel's detector."""
     from agent.common.fr_spec import FACENET
+    from agent.pipeline.detect import DetectorSpec
     from agent.pipeline.runner import CameraConfig, Pipeline
     from agent.pipeline.score import build_scorer
 
@@ -149,8 +151,8 @@ def test_track_end_latency_tells_tracker_ends_from_the_streams_end() -> None:
     flushed = sum(max(t["frames"]) + truth["fps"] * 1.0 > last for t in truth["tracks"])  # max_lost_s 1.0
     scorer, _ = build_scorer(FACENET)
     shots = []
-    pipeline = Pipeline([CameraConfig(id="demo", url=str(demo_clip_path()), detect_every=2)], FACENET, scorer,
-                        lambda s: shots.append(s) or True)
+    cam = CameraConfig(id="demo", url=str(demo_clip_path()), detect_every=2, detector=DetectorSpec(kind=detector))
+    pipeline = Pipeline([cam], FACENET, scorer, lambda s: shots.append(s) or True)
     pipeline.run()
     assert (len(pipeline.end_latency_s), len(pipeline.flush_latency_s)) == (4 - flushed, flushed) == (2, 2)
     assert len({s.track_id for s in shots}) == 4
