@@ -195,11 +195,16 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
 
 
 def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel | None:
-    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one), else a
-    built-in one, built now and saved beside the model. None (logged as an error) when it cannot be built: the
-    agent then runs without ERS (quality-weighted templates)."""
+    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one from the same
+    detector), else a built-in one, built now and saved beside the model. None (logged as an error) when it cannot
+    be built: the agent then runs without ERS (quality-weighted templates)."""
     with locked(ers_path(prepared)):
         model = load_ers(prepared)
+        if model is not None and model.info.get("source") == "builtin" \
+                and model.info.get("built", {}).get("detector") != det_spec.kind:
+            log.info("the saved built-in ERS of %s came from the %s detector: building it for %s", scorer.model_id,
+                     model.info.get("built", {}).get("detector"), det_spec.kind)
+            model = None
         if model is None:
             try:
                 model = builtin_ers(scorer, det_spec)

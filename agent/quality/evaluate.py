@@ -293,7 +293,7 @@ class Evaluator:
         if self._selection is None:
             scorer = Scorer(self.spec, self.trunk(recipe), BATCH)
             self._selection = ensure_selection(scorer, self.prepared(recipe), self.ers(recipe), "fused",
-                                               lambda s: calibration_faces(s.spec, self.det))
+                                               lambda s: calibration_faces(s.spec, self.det), self.det.kind)
         return self._selection
 
     def cues(self, faces: Faces, recipe: str) -> dict[str, np.ndarray]:
@@ -323,14 +323,13 @@ class Evaluator:
 
     def ers(self, recipe: str) -> ErsModel:
         """The built-in ERS of the scoring model (the recipe only supplies the dense pass): the one the agent saved
-        beside the model when this run's detector built it, else built now (and saved when nothing is saved there).
-        A saved LFW calibration (`bestshot ers calibrate`) is not used: it has seen the evaluation's faces."""
+        beside the model, else built now with this run's detector (and saved, as the agent does). A saved LFW
+        calibration (`bestshot ers calibrate`) is not used: it has seen the evaluation's faces."""
         if self._ers is None:
             scorer, prepared = Scorer(self.spec, self.trunk(recipe), BATCH), self.prepared(recipe)
             det = self.det
             saved = load_ers(prepared)
-            if saved is None or (saved.info.get("source") == "builtin"
-                                 and saved.info.get("built", {}).get("detector") == det.kind):
+            if saved is None or saved.info.get("source") == "builtin":
                 # None when it cannot be built: building again raises, naming why
                 self._ers = ensure_ers(scorer, prepared, det) or builtin_ers(scorer, det)
             else:

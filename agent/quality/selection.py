@@ -170,9 +170,10 @@ def selection_path(prepared: PreparedFR) -> Path:
 
 
 def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None, mode: str,
-                     material: Callable[[Scorer], CalibrationFaces]) -> SelectionScore | None:
+                     material: Callable[[Scorer], CalibrationFaces], detector: str) -> SelectionScore | None:
     """The scorer's selection hook for `mode`: "fused" (needs ERS; the calibration is loaded, or built from
-    `material(scorer)` and saved beside the twin), or "prefiqs" (None: Q itself)."""
+    `material(scorer)` and saved beside the twin), or "prefiqs" (None: Q itself). `detector`, the kind whose crops
+    `material` aligns, is saved with the calibration: another detector's is built again (the crops differ)."""
     if mode not in SELECTIONS:
         raise ValueError(f"unknown selection {mode!r}: use one of {', '.join(SELECTIONS)}")
     if mode == "prefiqs":
@@ -183,14 +184,15 @@ def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None,
     path = selection_path(prepared)
     with locked(path):
         saved = read_json(path)
-        if saved and saved.get("version") == CALIBRATION_VERSION:
+        if saved and saved.get("version") == CALIBRATION_VERSION and saved.get("detector") == detector:
             calib = SelectionCalibration.from_json(saved)
         else:
             faces = material(scorer)
             calib = build_calibration(scorer, ers, faces)
-            write_json(path, calib.to_json())
-            log.info("selection calibration for %s from %d geometric, %d clean and %d degraded faces: saved %s",
-                     scorer.model_id, len(faces.geometric), len(faces.recognisable), len(faces.degraded), path)
+            write_json(path, calib.to_json() | {"detector": detector})
+            log.info("selection calibration for %s from %d geometric, %d clean and %d degraded faces (%s): saved %s",
+                     scorer.model_id, len(faces.geometric), len(faces.recognisable), len(faces.degraded), detector,
+                     path)
     return SelectionScore(ers, calib)
 
 
@@ -199,7 +201,8 @@ def with_selection(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec,
     """Make the scorer's quality what `mode` says (the service, `score`, `curate` and `eval templates` all go
     through here): the FR model's ERS (saved, else built-in), then the selection hook. Returns the ERS."""
     ers = ensure_ers(scorer, prepared, det_spec)
-    scorer.selection = ensure_selection(scorer, prepared, ers, mode, lambda s: calibration_faces(s.spec, det_spec))
+    scorer.selection = ensure_selection(scorer, prepared, ers, mode, lambda s: calibration_faces(s.spec, det_spec),
+                                        det_spec.kind)
     return ers
 
 

@@ -158,6 +158,7 @@ def test_ensure_ers_builds_once_and_yields_to_a_calibration(setup, builtin, tmp_
     assert (tmp_path / "fr" / "ers.json").stat().st_mtime_ns == saved and again.threshold == first.threshold
     save_ers(mine, lfw)  # `bestshot ers calibrate` replaces it
     assert ensure_ers(scorer, mine, DetectorSpec()).info["source"] == "lfw"
+    assert ensure_ers(scorer, mine, DetectorSpec(kind="retinaface")).info["source"] == "lfw"  # whatever the detector
 
 
 def test_ensure_ers_without_a_usable_detector_runs_on_without_ers(setup, tmp_path, monkeypatch, caplog):

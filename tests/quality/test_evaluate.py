@@ -132,11 +132,15 @@ def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_d
     monkeypatch.setattr(evaluate, "load_ers", lambda prepared: lfw)
     monkeypatch.setattr(evaluate, "builtin_ers", lambda scorer, det: fresh)
     assert ev.ers(FACENET_RECIPE) is fresh
-    # nor is a built-in one that another detector than this run's built
+    # a built-in one that another detector built is built again for this run's (and saved), as the agent does
     ev._ers = None
     other = ErsModel(saved.uic, 1.0, None, None, {"source": "builtin", "built": {"detector": "retinaface"}})
-    monkeypatch.setattr(evaluate, "load_ers", lambda prepared: other)
-    assert ev.ers(FACENET_RECIPE) is fresh
+    saves = []
+    for module in (evaluate, ers_builtin):
+        monkeypatch.setattr(module, "load_ers", lambda prepared: other)
+    monkeypatch.setattr(ers_builtin, "builtin_ers", lambda scorer, det: fresh)
+    monkeypatch.setattr(ers_builtin, "save_ers", lambda prepared, model: saves.append(model) or prepared.dir)
+    assert ev.ers(FACENET_RECIPE) is fresh and saves == [fresh]
 
 
 def test_eval_runs_the_detector_it_is_given(shared_dir, tmp_path):

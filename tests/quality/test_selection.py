@@ -163,11 +163,16 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
         calls.append(1)
         return CalibrationFaces(crops[:10], light, [cv2.GaussianBlur(c, (0, 0), 6) for c in crops[10:]])
 
-    first = ensure_selection(scorer, prepared, ers, "fused", material)
+    first = ensure_selection(scorer, prepared, ers, "fused", material, "centerface")
     saved = json.loads(selection_path(prepared).read_text())
-    assert set(saved["reference"]) == {"0/mean", "0/std", "1/mean", "1/std"}
-    second = ensure_selection(scorer, prepared, ers, "fused", material)
+    assert set(saved["reference"]) == {"0/mean", "0/std", "1/mean", "1/std"} and saved["detector"] == "centerface"
+    second = ensure_selection(scorer, prepared, ers, "fused", material, "centerface")
     assert calls == [1]
+    # another detector's crops: built again, and saved for it
+    ensure_selection(scorer, prepared, ers, "fused", material, "retinaface")
+    assert calls == [1, 1] and json.loads(selection_path(prepared).read_text())["detector"] == "retinaface"
+    ensure_selection(scorer, prepared, ers, "fused", material, "centerface")
+    assert calls == [1, 1, 1]
     ev = scorer.evidence(crops[:5])
     np.testing.assert_allclose(first(ev)[0], second(ev)[0], rtol=1e-6)
     # on its own calibration, clean faces sit at 0 and degraded ones at -1 of every cue's scale
@@ -181,9 +186,9 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
     for k in STATS_CUES:
         assert abs(np.median(geo[k])) < 1e-6 and np.median(rec[k]) < -0.05, k
     assert abs(np.median(rec["prefiqs"])) < 1e-6 and abs(np.median(rec["ers"])) < 1e-6
-    assert ensure_selection(scorer, prepared, ers, "prefiqs", material) is None
+    assert ensure_selection(scorer, prepared, ers, "prefiqs", material, "centerface") is None
     with pytest.raises(ValueError, match="unknown selection"):
-        ensure_selection(scorer, prepared, ers, "best", material)
+        ensure_selection(scorer, prepared, ers, "best", material, "centerface")
     assert SelectionCalibration.from_json(saved).clean == first.calibration.clean
 
 
