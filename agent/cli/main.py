@@ -330,12 +330,12 @@ def cmd_tune(args) -> int:
         from agent.quality.tune import tune_selection
 
         res = tune_selection(args.out, lfw=args.shared / "data/lfw", seed=args.seed, threads=args.threads,
-                             cache=args.cache)
+                             cache=args.cache, detector=_eval_detector(args))
         log.info("wrote %s (%.0f s)", args.out / "tune-selection.md", res["seconds"])
         return 0
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
     res = tune(args.out, recipes, lfw=args.shared / "data/lfw", seed=args.seed, limit=args.limit,
-               threads=args.threads, cache=args.cache)
+               threads=args.threads, cache=args.cache, detector=_eval_detector(args))
     log.info("wrote %s (%.0f s)", args.out / "tune.md", res.get("seconds", 0))
     return 0
 
@@ -475,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the selection score's weights and probability instead (agent/quality/selection.py)")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache", type=Path)
+    _detector_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("curate", help="prune and clean a face set: one folder per identity in, a curated copy out")

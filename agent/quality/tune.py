@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from scipy.stats import rankdata, spearmanr
 
+from agent.pipeline.detect import DetectorSpec
 from agent.quality.edc import threshold_at_fmr
 from agent.quality.evaluate import (
     LFW,
@@ -67,12 +68,12 @@ def _ranks(values: list[float], higher_better: bool) -> np.ndarray:
 
 def tune(out: Path, recipes: Sequence[str] = RECIPES, lfw: Path = LFW, other_model: Path = OTHER_MODEL,
          lightqnet: Path = LIGHTQNET, seed: int = 0, variants: int = 3, frames: int = 12, limit: int | None = None,
-         threads: int | None = None, cache: Path | None = None) -> dict:
+         threads: int | None = None, cache: Path | None = None, detector: DetectorSpec | None = None) -> dict:
     """Measure every recipe on the tuning split, pick the winner among the 2:4 ones, write tune.json and tune.md
     under `out` (the cheap baselines on the same split are reported beside them). `limit`: at most that many
     tuning people (a quick run)."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, detector=detector)
     people = lfw_split(ev.lfw)[1][:limit]
     pairs = []
     for p in people:
@@ -126,10 +127,12 @@ def tune(out: Path, recipes: Sequence[str] = RECIPES, lfw: Path = LFW, other_mod
 
 def tune_selection(out: Path, lfw: Path = LFW, other_model: Path = OTHER_MODEL, lightqnet: Path = LIGHTQNET,
                    seed: int = 0, variants: int = 3, frames: int = 12, recipe: str | None = None,
-                   threads: int | None = None, cache: Path | None = None) -> dict:
-    """Fit the selection score's weights and probability map on the tuning split; write tune-selection.json/.md."""
+                   threads: int | None = None, cache: Path | None = None, detector: DetectorSpec | None = None
+                   ) -> dict:
+    """Fit the selection score's weights and probability map on the tuning split; write tune-selection.json/.md.
+    `detector`: whose crops and confidences the weights are fitted on (default: CenterFace, the shipped fit)."""
     t0 = time.monotonic()
-    ev = Evaluator(lfw, other_model, lightqnet, threads, cache)
+    ev = Evaluator(lfw, other_model, lightqnet, threads, cache, detector=detector)
     recipe = recipe or str(default_recipe(ev.spec))
     people = lfw_split(ev.lfw)[1]
     pairs = []
@@ -142,7 +145,8 @@ def tune_selection(out: Path, lfw: Path = LFW, other_model: Path = OTHER_MODEL, 
     cues_t, cues_p = ev.cues(ts.faces, recipe), ev.cues(faces, recipe)
     genuine, impostor = deg.scores(ev.dense(faces, recipe), np.array(faces.ids))
     matched = genuine >= threshold_at_fmr(impostor, 1e-3)
-    res: dict = {"config": {"recipe": recipe, "seed": seed, "people": len(people), "tracks": len(ts.tracks),
+    res: dict = {"config": {"recipe": recipe, "detector": ev.det.kind, "seed": seed, "people": len(people),
+                            "tracks": len(ts.tracks),
                             "frames": frames, "genuine": len(genuine), "matched": int(matched.sum())}}
     for form, keys in (("full", list(WEIGHTS)), ("no_stats", list(WEIGHTS_NO_STATS))):
         z = np.stack([cues_t[k] for k in keys], 1)
