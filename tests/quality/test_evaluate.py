@@ -16,7 +16,7 @@ from agent.pipeline.select import sharpness
 from agent.quality import ers_builtin, evaluate
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box
 from agent.quality.ers import ErsModel
-from agent.quality.evaluate import Evaluator, eval_pairs, eval_tracks, lfw_split, pick
+from agent.quality.evaluate import Evaluator, eval_pairs, eval_tracks, lfw_split, pair_faces, pick
 from agent.types import Detection
 from engines.activation import activation_norms
 from engines.prepare import FACENET_RECIPE
@@ -143,14 +143,23 @@ def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_d
     assert ev.ers(FACENET_RECIPE) is fresh and saves == [fresh]
 
 
-def test_eval_runs_the_detector_it_is_given(shared_dir, tmp_path):
-    """`eval --detector retinaface`: the LFW stills, the calibration material and the clips all go through it."""
-    res = eval_pairs(tmp_path, [FACENET_RECIPE], lfw=shared_dir / "data/lfw", limit=2, seed=1,
-                     detector=DetectorSpec(kind="retinaface"))
-    assert res["config"]["detector"] == "retinaface" and res["config"]["pairs"] == 4
+def test_eval_and_tune_run_the_detector_they_are_given(shared_dir):
+    """`eval|tune --detector retinaface`: the LFW stills go through it (the clips, the calibration material and the
+    built-in ERS take `ev.det`). Built calibrations are left alone here: the rest of the suite shares them."""
+    from agent.cli.main import _eval_detector, build_parser
+
+    for argv in (["eval", "pairs"], ["eval", "tracks"], ["tune"], ["tune", "--selection"]):
+        args = build_parser().parse_args([*argv, "--detector", "retinaface"])
+        assert _eval_detector(args) == DetectorSpec(kind="retinaface"), argv
     ev = Evaluator(shared_dir / "data/lfw", detector=DetectorSpec(kind="retinaface"))
     assert isinstance(ev.detector, RetinaFaceDetector) and ev.detector.spec.input_size == 256
     assert ev.det.kind == "retinaface" and ev.det.input_size == 640
+    pairs = lfw_split(shared_dir / "data/lfw")[0][:3]
+    faces, _ = pair_faces(ev, pairs, seed=1)
+    clean = {im.key for pair in pairs for im in pair}
+    assert len(faces) == len(clean) + len(pairs)  # the pairs' clean images and each pair's degraded probe
+    detected = dict(zip(faces.keys, faces.cheap["detector"], strict=True))
+    assert all(detected[k] > 0.9 for k in clean), detected  # RetinaFace's confidence on clean LFW faces
 
 
 def _tiny_model() -> onnx.ModelProto:
