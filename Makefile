@@ -23,7 +23,7 @@ test: venv
 	$(VERMIN)
 	$(VENV)/bin/lint-imports
 	BESTSHOT_CACHE=$$(mktemp -d) && export BESTSHOT_CACHE && \
-	  $(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m 'not serial' tests && \
+	  $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=15 -m 'not serial' tests && \
 	  $(PY) -m pytest -q -m serial tests; rc=$$?; rm -rf "$$BESTSHOT_CACHE"; exit $$rc
 
 lint: venv
