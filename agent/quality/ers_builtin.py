@@ -200,10 +200,10 @@ def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> 
     be built: the agent then runs without ERS (quality-weighted templates)."""
     with locked(ers_path(prepared)):
         model = load_ers(prepared)
-        if model is not None and model.info.get("source") == "builtin" \
-                and model.info.get("built", {}).get("detector") != det_spec.kind:
+        built_by = model.info.get("built", {}).get("detector") if model is not None else None
+        if model is not None and model.info.get("source") == "builtin" and built_by != det_spec.kind:
             log.info("the saved built-in ERS of %s came from the %s detector: building it for %s", scorer.model_id,
-                     model.info.get("built", {}).get("detector"), det_spec.kind)
+                     built_by, det_spec.kind)
             model = None
         if model is None:
             try:
