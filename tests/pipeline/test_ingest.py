@@ -175,6 +175,20 @@ def test_refused_rtsp_reconnects_with_backoff_and_stops(caplog) -> None:
     assert "s3cret" not in caplog.text
 
 
+def test_a_live_stream_that_ends_is_down_with_a_cause(clip: Path) -> None:
+    """A camera server killed cleanly ends the stream with no error: /healthz still needs a reason beside up=False."""
+    src = open_source(str(clip), "cam7", SourceOptions(reconnect=True, drop_when_full=False, backoff_initial_s=30))
+    consumer = threading.Thread(target=lambda: list(src.frames()))
+    consumer.start()
+    deadline = time.monotonic() + 60
+    while src.stats.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = src.stats
+    assert src.stop(timeout=5)
+    consumer.join(5)
+    assert stats.decoded == 275 and not stats.up and stats.last_error == "stream ended" and not stats.gave_up
+
+
 def test_stop_ends_a_blocked_connect() -> None:
     with socket.socket() as server:  # accepts connections and never answers
         server.bind(("127.0.0.1", 0))

@@ -177,8 +177,6 @@ class VideoSource:
                     with self._cond:
                         self._stats.errors += 1
                         self._stats.last_error = error
-                with self._cond:
-                    self._stats.up = False
                 if self._stopping:
                     return
                 if self._expired:
@@ -197,7 +195,11 @@ class VideoSource:
                     return
                 if count:
                     delay = opts.backoff_initial_s
-                log.warning("%s: %s; retry in %.1f s", where, error or "stream ended", delay)
+                reason = error or "stream ended"
+                with self._cond:  # down, and why, in one step: /healthz never shows a down camera without a cause
+                    self._stats.up = False
+                    self._stats.last_error = reason
+                log.warning("%s: %s; retry in %.1f s", where, reason, delay)
                 with self._cond:
                     if self._cond.wait_for(lambda: self._stopping, delay):
                         return
