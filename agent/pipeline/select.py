@@ -2,9 +2,9 @@
 
 Two halves, because they run on different threads:
 - `Gate` (one per camera, on its worker thread) sees every tracked face. It drops implausible faces
-  (too small, low detector score, blurred) before anything costly, and spends the shared scoring budget
-  where it pays: a track's first plausible face first, then faces whose cheap signals beat what the track
-  already sent. A face it cannot send yet is kept as the track's pending candidate and sent when the track
+  (too small, low detector score, blurred) before anything costly, and scores every other face while the
+  shared scoring budget has room; when it runs short, it spends it where it pays: a track's first plausible
+  face first, then faces whose cheap signals beat what the track already sent. A face it cannot send yet is kept as the track's pending candidate and sent when the track
   ends, so every track that had a plausible face gets scored.
 - `Selector` (one, on the scoring thread) keeps each track's best scored candidate (and its top-K), applies
   the emit policy and turns ended tracks into `BestShot`s.
@@ -33,8 +33,9 @@ class SelectionConfig:
     min_det_score: float = 0.5
     min_sharpness: float = 10.0  # variance of the Laplacian of the aligned crop (grey)
     min_quality: float = 0.0  # a track whose best is below this is published as "unrecognisable"
-    # With a budget: a track's later face is scored when its cheap signal beats the sent best by this factor,
-    # or when the track has sent nothing for refresh_s seconds. Without a budget every gated face is scored.
+    # With a budget that runs short (under half of its burst left): a track's later face is scored when its cheap
+    # signal beats the sent best by this factor, or when the track has sent nothing for refresh_s seconds.
+    # Without a budget, or while it has more than half left, every gated face is scored.
     improve_factor: float = 1.1
     refresh_s: float = 0.25
     top_k: int = 8  # best frames kept per track: the pool for the template and the diverse shots (extra.top_k)
@@ -63,14 +64,15 @@ class TokenBucket:
         self.t = time.monotonic()
         self.lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, keep: float = 0.0) -> bool:
+        """Take a token if one is there and `keep` tokens remain after it."""
         if self.rate is None:
             return True
         with self.lock:
             now = time.monotonic()
             self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
             self.t = now
-            if self.tokens >= 1.0:
+            if self.tokens >= 1.0 + keep:
                 self.tokens -= 1.0
                 return True
             return False
@@ -155,10 +157,12 @@ class Gate:
         cand = Candidate(self.camera, track_id, frame_index, pts, det, crop, context, sharp, cheap, t.first_seen,
                          t.frames_seen)
         # With a budget, spend it where it pays: a track's first face, a face whose cheap cues beat what the
-        # track sent, or a fresh look after `refresh_s` (pose and expression escape the cheap cues).
+        # track sent, or a fresh look after `refresh_s` (pose and expression escape the cheap cues) may take any
+        # token; other faces only the upper half of the bucket, so they are scored while the budget has room
+        # (as without one: the cheap cues miss what the selection score sees) and never starve promising ones.
         promising = (t.sent_cheap < 0 or cheap > t.sent_cheap * cfg.improve_factor
                      or pts - t.sent_pts >= cfg.refresh_s)
-        if self.budget.rate is None or (promising and self.budget.take()):
+        if self.budget.take(keep=0.0 if promising else self.budget.burst / 2):
             t.sent_cheap, t.sent_pts = max(t.sent_cheap, cheap), pts
             if t.pending is not None and t.pending.cheap <= cheap:
                 t.pending = None

@@ -291,8 +291,19 @@ def test_gate_pending_cleared_by_a_better_send() -> None:
     assert g.end(1)[0] is None
 
 
+def test_gate_scores_every_face_while_the_budget_has_room() -> None:
+    bucket = TokenBucket(TINY_RATE, burst=100)
+    g = Gate("cam", SelectionConfig(improve_factor=1.1, refresh_s=0.25), bucket)
+    sent = [g.observe(i, i / 100, 1, det(score=0.8), crops()) for i in range(50)]
+    assert all(c is not None for c in sent) and g.deferred == 0  # 50 tokens taken, 50 left: the reserve
+    assert g.observe(50, 0.5, 1, det(score=0.8), crops()) is None  # no better, and the budget runs short
+    assert g.observe(51, 0.51, 1, det(score=0.95), crops()) is not None  # promising: takes from the reserve
+    assert g.deferred == 1 and bucket.tokens == pytest.approx(49, abs=1e-3)
+
+
 def test_gate_promising_rule() -> None:
     bucket = TokenBucket(TINY_RATE, burst=100)
+    bucket.tokens = 50  # half left: the budget runs short, so only promising faces are scored
     g = Gate("cam", SelectionConfig(improve_factor=1.1, refresh_s=0.25), bucket)
     sent = []
     for i, (pts, score) in enumerate([
@@ -308,7 +319,7 @@ def test_gate_promising_rule() -> None:
             sent.append(i)
     assert sent == [0, 3, 5]
     assert g.deferred == 4
-    assert bucket.tokens == pytest.approx(97, abs=1e-3)
+    assert bucket.tokens == pytest.approx(47, abs=1e-3)
     pending, _ = g.end(1)
     assert pending is not None and pending.frame_index == 6  # 0.76 > 0.7 sent: scored at the end
 
@@ -348,6 +359,9 @@ def test_token_bucket_burst_then_refill(clock: list[float]) -> None:
     assert [b.take(), b.take()] == [True, False]
     clock[0] += 100.0  # refill is capped at the burst
     assert [b.take() for _ in range(4)] == [True, True, True, False]
+    clock[0] += 100.0
+    assert [b.take(keep=1.5) for _ in range(3)] == [True, False, False]  # 3 -> 2; 2 - 1 < 1.5
+    assert [b.take(), b.take(), b.take()] == [True, True, False]  # the kept ones are there for a plain take
 
 
 def test_token_bucket_defaults(clock: list[float]) -> None:
