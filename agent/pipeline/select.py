@@ -4,8 +4,9 @@ Two halves, because they run on different threads:
 - `Gate` (one per camera, on its worker thread) sees every tracked face. It drops implausible faces
   (too small, low detector score, blurred) before anything costly, and scores every other face while the
   shared scoring budget has room; when it runs short, it spends it where it pays: a track's first plausible
-  face first, then faces whose cheap signals beat what the track already sent. A face it cannot send yet is kept as the track's pending candidate and sent when the track
-  ends, so every track that had a plausible face gets scored.
+  face first, then faces whose cheap signals beat what the track already sent. A face it cannot send yet is
+  kept as the track's pending candidate and sent when the track ends, so every track that had a plausible face
+  gets scored.
 - `Selector` (one, on the scoring thread) keeps each track's best scored candidate (and its top-K), applies
   the emit policy and turns ended tracks into `BestShot`s.
 """

@@ -54,5 +54,8 @@ def test_bench_cameras_report_adds_up() -> None:
         assert r["shots"] >= n and r["flush_to_message_ms_median"] is not None
         assert r["tracks_compared"] == n * ref["tracks"] and r["tracks"] >= n
         assert 0 <= r["shots_changed"] <= r["tracks_compared"]
+    # 2 fps: every face is scored within the budget, so the shots are the unlimited reference's
+    assert [r["shots_changed"] for r in held] == [0, 0] and res["max_cameras_same_shots"] == res["max_cameras"]
     text = out.getvalue()
     assert "reference (unpaced, unlimited scoring)" in text and f"without a dropped frame: {res['max_cameras']}" in text
+    assert f"on 90% of tracks too: {res['max_cameras_same_shots']}" in text
