@@ -61,11 +61,14 @@ def _run(bench: CameraBench, n: int, paced: bool) -> dict:
         cpu0 = os.times()
         summary = agent.run()
         cpu1 = os.times()
-        shots = {}
+        shots, scored = {}, {}
         for line in trace.read_text().splitlines():
             rec = json.loads(line)
+            key = f"{rec.get('camera')}/{rec.get('track_id')}"
             if rec["event"] == "published":
-                shots[f"{rec['camera']}/{rec['track_id']}"] = rec["frame_index"]
+                shots[key] = rec["frame_index"]
+            elif rec["event"] == "scored":
+                scored.setdefault(key, {})[rec["frame_index"]] = rec["quality"]
     stats = [w.source.stats for w in [*agent.pipeline.finished, *agent.pipeline.workers.values()]]
     times, frames = agent.pipeline.times, max(1, summary.frames)
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
@@ -80,6 +83,7 @@ def _run(bench: CameraBench, n: int, paced: bool) -> dict:
         "shots": summary.published, "end_to_message_ms_median": statistics.median(lat) * 1000 if lat else None,
         "flush_to_message_ms_median": statistics.median(flush) * 1000 if flush else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "tracks": shots,
+        "qualities": scored,
     }
 
 
@@ -97,16 +101,24 @@ def run_once(bench: CameraBench, n: int, paced: bool) -> dict:
     return in_fresh_process(_child, (bench, n, paced), f"bench cameras: {n} camera(s)")
 
 
-def shots_changed(run: dict, refs: dict[str, dict], clips: tuple[str, ...]) -> tuple[int, int]:
+def shots_changed(run: dict, refs: dict[str, dict], clips: tuple[str, ...]) -> tuple[int, int, float]:
     """(tracks whose final published frame differs from the reference of their clip or is missing, reference
-    tracks compared), over every camera of `run`; camera i is matched to `refs[clips[i % len]]` by track id."""
+    tracks compared, the most quality a changed shot lost), over every camera of `run`; camera i is matched to
+    `refs[clips[i % len]]` by track id. Quality lost is on the reference's own scores: its shot's quality minus
+    its quality of the frame the run published (all of it for a track the run did not publish)."""
     changed = total = 0
+    lost = 0.0
     for i in range(run["cameras"]):
-        ref = refs[clips[i % len(clips)]]["tracks"]
-        for key, frame in ref.items():
+        ref = refs[clips[i % len(clips)]]
+        for key, frame in ref["tracks"].items():
             total += 1
-            changed += run["tracks"].get(f"cam{i}/{key.split('/', 1)[1]}") != frame
-    return changed, total
+            got = run["tracks"].get(f"cam{i}/{key.split('/', 1)[1]}")
+            if got != frame:
+                changed += 1
+                quality = ref["qualities"][key]
+                if got is None or got in quality:  # a frame the reference never scored (another track) is skipped
+                    lost = max(lost, quality[frame] - quality.get(got, 0.0))
+    return changed, total, lost
 
 
 def _line(r: dict) -> str:
@@ -116,7 +128,7 @@ def _line(r: dict) -> str:
     return (f"{r['cameras']:3d} {r['frames']:7d} {r['frames_offered']:7d} {r['dropped']:7d} "
             f"{r['frames'] / r['seconds']:7.1f} {r['cpu_cores']:5.2f} {r['faces_scored']:6d} "
             f"{lat:7.0f} {flush:8.0f} {r['peak_rss_mb']:6.0f} "
-            f"{r.get('changed_share', float('nan')):7.1%}  {stages}")
+            f"{r.get('changed_share', float('nan')):7.1%} {r.get('quality_lost', float('nan')):6.3f}  {stages}")
 
 
 def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
@@ -136,13 +148,14 @@ def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
                   f"{bench.fps:g} fps, {r['faces_scored']} faces scored, {len(r['tracks'])} tracks, track end -> "
                   f"message median {r['end_to_message_ms_median'] or float('nan'):.0f} ms\n")
     # e2m_ms: tracks the tracker ended (unseen for max_lost_s); flush_ms: those open when the media ran out
-    out.write("  N  frames offered dropped  fr/s  cores scored e2m_ms flush_ms  rss_MB changed  ms/frame decode / "
-              "detect / track / align / score / publish\n")
+    # lost: the most quality a changed shot lost, on the reference's scores (quality: P(match at FMR 1e-3))
+    out.write("  N  frames offered dropped  fr/s  cores scored e2m_ms flush_ms  rss_MB changed   lost  ms/frame "
+              "decode / detect / track / align / score / publish\n")
     runs, best = [], 0
     for n in counts:
         r = run_once(bench, n, paced=True)
-        changed, total = shots_changed(r, refs, bench.clips)
-        r["shots_changed"], r["tracks_compared"] = changed, total
+        changed, total, lost = shots_changed(r, refs, bench.clips)
+        r["shots_changed"], r["tracks_compared"], r["quality_lost"] = changed, total, lost
         r["changed_share"] = changed / total if total else 0.0
         runs.append(r)
         out.write(_line(r) + "\n")
@@ -156,5 +169,6 @@ def bench_cameras(bench: CameraBench, counts: list[int], out: TextIO) -> dict:
               f"unlimited resources on {1 - SAME_SHOTS:.0%} of tracks too: {same}\n")
     for r in [*runs, *refs.values()]:
         r["tracks"] = len(r["tracks"])
+        del r["qualities"]
     return {"bench": asdict(bench), "load_average": load, "references": refs, "runs": runs, "max_cameras": best,
             "max_cameras_same_shots": same}

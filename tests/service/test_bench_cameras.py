@@ -16,10 +16,15 @@ pytestmark = pytest.mark.timeout(400)
 
 def test_counts_and_shots_changed() -> None:
     assert parse_counts("1-4") == [1, 2, 3, 4] and parse_counts("4,1,2") == [1, 2, 4]
-    refs = {"a": {"tracks": {"cam0/1": 10, "cam0/2": 40}}, "b": {"tracks": {"cam0/1": 7}}}
+    refs = {"a": {"tracks": {"cam0/1": 10, "cam0/2": 40},
+                  "qualities": {"cam0/1": {10: 0.9, 11: 0.8}, "cam0/2": {40: 0.7, 41: 0.69}}},
+            "b": {"tracks": {"cam0/1": 7}, "qualities": {"cam0/1": {7: 0.5}}}}
     run = {"cameras": 3, "tracks": {"cam0/1": 10, "cam0/2": 41, "cam1/1": 7, "cam2/1": 10, "cam2/9": 5}}
-    # cam0 plays a: track 2 changed; cam1 plays b: same; cam2 plays a: track 2 missing (track 9 is not in a)
-    assert shots_changed(run, refs, ("a", "b")) == (2, 5)
+    # cam0 plays a: track 2 changed (0.01 lost); cam1 plays b: same; cam2 plays a: track 2 missing (all of its 0.7
+    # lost; track 9 is not in a)
+    assert shots_changed(run, refs, ("a", "b")) == (2, 5, pytest.approx(0.7))
+    run["tracks"]["cam2/2"] = 41
+    assert shots_changed(run, refs, ("a", "b")) == (2, 5, pytest.approx(0.01))
 
 
 def test_the_bench_runs_the_detector_and_precision_it_is_given(shared_dir) -> None:
@@ -56,6 +61,7 @@ def test_bench_cameras_report_adds_up() -> None:
         assert 0 <= r["shots_changed"] <= r["tracks_compared"]
     # 2 fps: every face is scored within the budget, so the shots are the unlimited reference's
     assert [r["shots_changed"] for r in held] == [0, 0] and res["max_cameras_same_shots"] == res["max_cameras"]
+    assert [r["quality_lost"] for r in held] == [0.0, 0.0]
     text = out.getvalue()
     assert "reference (unpaced, unlimited scoring)" in text and f"without a dropped frame: {res['max_cameras']}" in text
     assert f"on 90% of tracks too: {res['max_cameras_same_shots']}" in text
