@@ -21,6 +21,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from agent.cli.subscribe import _stdout_line, meta_path, save
@@ -31,6 +32,13 @@ from agent.pipeline.outputs.zeromq import Message
 log = logging.getLogger(__name__)
 
 SEEN_IDS = 100_000  # shot ids remembered in memory for de-duplication
+# What JetStream answers while it cannot serve yet: a cluster electing a leader (timeouts, 503) or, for good, a
+# server without JetStream (no responders); retried for `setup_timeout_s`, since the two look alike at first.
+NOT_READY = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
+
+
+class JetStreamUnavailable(OSError):
+    """The consumer could not be set up: no JetStream answered within `setup_timeout_s`."""
 
 
 @dataclass
@@ -48,6 +56,7 @@ class NatsConsumer:
     creds_file: Path | None = None
     nkey_seed_file: Path | None = None
     token: str | None = None
+    setup_timeout_s: float = 60.0  # how long the consumer's set-up is retried while JetStream is not ready
 
 
 @dataclass
@@ -87,10 +96,7 @@ async def _consume(c: NatsConsumer, out_dir: Path | None, count: int | None, tim
 
     nc = await nats.connect(**_options(c), error_cb=on_error)
     try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(c.subjects, durable=c.durable, stream=c.stream,
-                                      config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=c.ack_wait_s,
-                                                            max_deliver=-1))
+        sub = await _pull_subscription(nc.jetstream(), c)
         log.info("receiving best shots from stream %s (durable consumer %s, %s) on %s", c.stream, c.durable,
                  c.subjects, c.url)
         seen: OrderedDict[str, None] = OrderedDict()
@@ -112,6 +118,26 @@ async def _consume(c: NatsConsumer, out_dir: Path | None, count: int | None, tim
         await nc.flush(5)
     finally:
         await nc.close()
+
+
+async def _pull_subscription(js: Any, c: NatsConsumer) -> Any:
+    """The durable pull consumer, its set-up retried every second for `setup_timeout_s` while JetStream is not
+    ready."""
+    deadline = time.monotonic() + c.setup_timeout_s
+    while True:
+        try:
+            return await js.pull_subscribe(c.subjects, durable=c.durable, stream=c.stream,
+                                           config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
+                                                                 ack_wait=c.ack_wait_s, max_deliver=-1))
+        except NOT_READY as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JetStreamUnavailable(
+                    f"JetStream did not answer for {c.setup_timeout_s:g} s ({type(e).__name__}): is it enabled on the "
+                    "server, and does its cluster have a quorum of nodes up?") from e
+            log.warning("%s: JetStream not ready (%s: %s); retrying for %.0f s more", c.url, type(e).__name__, e,
+                        left)
+            await asyncio.sleep(min(1.0, left))
 
 
 async def _handle(m: Any, out_dir: Path | None, write_line: Callable[[str], None], stats: ConsumeStats,

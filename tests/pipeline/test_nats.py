@@ -13,12 +13,25 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import zmq
-from brokers import NatsCluster, NatsNode, connect, free_port, real_shot, run, stream_ids, stream_state, wait_until
+from brokers import (
+    NatsCluster,
+    NatsNode,
+    Server,
+    binary,
+    connect,
+    free_port,
+    real_shot,
+    run,
+    stream_ids,
+    stream_state,
+    wait_until,
+)
 from nats.js.api import StreamConfig
 
 from agent.cli.subscribe_nats import NatsConsumer, subscribe_nats
@@ -139,6 +152,51 @@ def test_leader_killed_three_times_and_a_consumer_killed_mid_batch_lose_nothing(
         stop.set()
         out.close(1)
         cluster.stop()
+
+
+def test_a_consumer_started_while_the_cluster_has_no_quorum_waits_for_it(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """`bestshot subscribe nats://` started while JetStream cannot answer (two of three nodes down, as during a
+    leader election) retries its set-up and then receives every shot."""
+    caplog.set_level(logging.WARNING, logger="agent.cli.subscribe_nats")
+    cluster = NatsCluster(tmp_path / "cluster").start()
+    out = NatsOutput(NatsConfig(servers=cluster.urls, stream=StreamSettings(replicas=3, max_bytes=64 * MiB)))
+    ids = [new_shot_id() for _ in range(3)]
+    try:
+        for i, shot_id in enumerate(ids):
+            out.submit(real_shot(i), shot_id)
+        wait_until("3 acked", lambda: out.counts.acked == 3)
+        for node in cluster.nodes[1:]:
+            node.kill()
+        lines: list[str] = []
+        done: list[Any] = []
+        consumer = NatsConsumer(url=cluster.urls[0], durable="late", setup_timeout_s=120)
+        thread = threading.Thread(target=lambda: done.append(subscribe_nats(consumer, None, 3, 60, lines.append)))
+        thread.start()
+        wait_until("the set-up retried", lambda: "JetStream not ready" in caplog.text, timeout_s=60)
+        assert not done  # still waiting, not failed
+        for node in cluster.nodes[1:]:
+            node.start()
+        thread.join(150)
+        assert not thread.is_alive() and done and done[0].handled == 3
+        assert sorted(json.loads(x)["shot_id"] for x in lines) == sorted(ids)
+    finally:
+        out.close(1)
+        cluster.stop()
+
+
+def test_a_server_without_jetstream_is_an_error_that_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    plain = Server([binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)], port, tmp_path / "nats.log").start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match=f"nats://127.0.0.1:{port}: JetStreamUnavailable: JetStream did not answer "
+                                          r"for 3 s \(ServiceUnavailableError\): is it enabled on the server"):
+            subscribe_nats(NatsConsumer(url=f"nats://127.0.0.1:{port}", setup_timeout_s=3), None, 1, 5)
+        assert 3 <= time.monotonic() - t0 < 30
+        assert "JetStream not ready" in caplog.text  # each try logged
+    finally:
+        plain.kill()
 
 
 def test_server_down_then_agent_restarted_then_server_back_sends_every_spooled_shot_in_order(tmp_path: Path) -> None:
