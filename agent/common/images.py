@@ -1,4 +1,5 @@
-"""Reading still images robustly: any failure becomes one ImageError that names the file and the cause."""
+"""Reading still images robustly (any failure becomes one ImageError that names the file and the cause), and the
+one measure of an aligned face crop that both the gate and the scorer take."""
 
 from __future__ import annotations
 
@@ -50,3 +51,10 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield p
+
+
+def face_grey(crop: np.ndarray) -> float:
+    """Mean grey level of an aligned crop's inner face region: rows 30-80 %, columns 25-75 % (eyes to mouth, little
+    background or hair)."""
+    h, w = crop.shape[:2]
+    return float(crop[int(0.3 * h) : int(0.8 * h), int(0.25 * w) : int(0.75 * w)].mean(dtype=np.float32))

@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.backends.pairs import EmbeddingPair, build_pair
 from agent.common.fr_spec import FRSpec, preprocess
+from agent.common.images import face_grey
 from agent.types import Scored
 from engines.prepare import PreparedFR, prepare_fr
 from engines.trt_build import EngineOptions
@@ -50,14 +51,9 @@ class Evidence:
 
 
 def face_brightness(crops: Sequence[np.ndarray]) -> np.ndarray:
-    """log(1 + mean grey level) of each aligned crop's inner face region: rows 30-80 %, columns 25-75 % (eyes to
-    mouth, little background or hair), the selection score's brightness cue."""
-    out = np.empty(len(crops))
-    for i, c in enumerate(crops):
-        h, w = c.shape[:2]
-        region = c[int(0.3 * h) : int(0.8 * h), int(0.25 * w) : int(0.75 * w)].astype(np.float32)
-        out[i] = np.log(region.mean() + 1.0)
-    return out
+    """log(1 + mean grey level) of each aligned crop's inner face region (`face_grey`), the selection score's
+    brightness cue."""
+    return np.log1p(np.array([face_grey(c) for c in crops], np.float64))
 
 
 def _known(values: Sequence[float] | None, n: int) -> np.ndarray:

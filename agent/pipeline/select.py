@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from agent.common.images import face_grey
 from agent.types import BestShot, Detection, Scored
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,22 @@ class SelectionConfig:
     score_budget: float | None = None  # faces scored per second, all cameras together; None = unlimited
 
 
+# The inner-face grey level of well-lit faces: the median of the selection score's clean calibration faces
+# (its brightness cue, log(1 + grey) = 4.92, is hinged there too).
+BRIGHT_GREY = 136.0
+
+
 def sharpness(crop: np.ndarray) -> float:
     """Variance of the Laplacian of the grey crop: low for blurred faces."""
     return float(cv2.Laplacian(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), cv2.CV_32F).var())
 
 
-def cheap_signal(det: Detection, sharp: float) -> float:
-    """One number from the cheap cues, only to order faces for scoring (not a quality)."""
-    return float(det.score) * min(1.0, det.size / 112.0) * min(1.0, sharp / 100.0) ** 0.5
+def cheap_signal(det: Detection, sharp: float, grey: float) -> float:
+    """One number from the cheap cues, only to order faces for scoring (not a quality): the detector's score, less
+    for a face under 112 px, a soft one (Laplacian variance under 100) or a dark one (inner-face grey level under
+    BRIGHT_GREY: low light, which the other cues miss)."""
+    return (float(det.score) * min(1.0, det.size / 112.0) * min(1.0, sharp / 100.0) ** 0.5
+            * min(1.0, grey / BRIGHT_GREY) ** 0.5)
 
 
 class TokenBucket:
@@ -154,7 +163,7 @@ class Gate:
             self.gated += 1
             t.gated[reason] += 1
             return None
-        cheap = cheap_signal(det, sharp)
+        cheap = cheap_signal(det, sharp, face_grey(crop))
         cand = Candidate(self.camera, track_id, frame_index, pts, det, crop, context, sharp, cheap, t.first_seen,
                          t.frames_seen)
         # With a budget, spend it where it pays: a track's first face, a face whose cheap cues beat what the

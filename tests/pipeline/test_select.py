@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.common.images import face_grey
 from agent.pipeline.select import (
+    BRIGHT_GREY,
     Candidate,
     Gate,
     SelectionConfig,
@@ -25,8 +27,9 @@ from agent.types import BestShot, Detection, Scored
 
 pytestmark = pytest.mark.timeout(60)
 
-# A sharp crop (uniform noise) and the same crop under a heavy blur; Gate sees them through crop_fn.
-SHARP = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+# A sharp, well-lit crop (uniform noise, grey levels 64-255) and the same crop under a heavy blur; Gate sees them
+# through crop_fn.
+SHARP = np.random.default_rng(0).integers(64, 256, (160, 160, 3), dtype=np.uint8)
 BLURRED = cv2.GaussianBlur(SHARP, (0, 0), sigmaX=12)
 CONTEXT = np.zeros((200, 200, 3), np.uint8)
 TINY_RATE = 1e-6  # tokens per second: refill during a test is negligible, so only `burst` counts
@@ -197,8 +200,12 @@ def test_selector_trace_events() -> None:
 
 def test_test_crops_sharpness() -> None:
     assert sharpness(SHARP) > 1000 and sharpness(BLURRED) < 5  # either side of the default min_sharpness (10)
-    # With size >= 112 and sharpness >= 100 the cheap signal is the detector score itself.
-    assert cheap_signal(det(0.7), sharpness(SHARP)) == pytest.approx(0.7)
+    assert face_grey(SHARP) > BRIGHT_GREY
+    # With size >= 112, sharpness >= 100 and a well-lit face the cheap signal is the detector score itself.
+    assert cheap_signal(det(0.7), sharpness(SHARP), BRIGHT_GREY) == pytest.approx(0.7)
+    # a face at a quarter of that grey level counts half, as one at a quarter of the sharpness
+    assert cheap_signal(det(0.7), sharpness(SHARP), BRIGHT_GREY / 4) == pytest.approx(0.35)
+    assert cheap_signal(det(0.7), 25.0, 255.0) == pytest.approx(0.35)
 
 
 def test_gate_detector_score() -> None:
@@ -233,7 +240,7 @@ def test_gate_sharpness() -> None:
     c = g.observe(1, 0.1, 1, det(), crops(SHARP))
     assert c is not None and g.gated == 1
     assert c.sharpness == pytest.approx(sharpness(SHARP))
-    assert c.cheap == pytest.approx(cheap_signal(c.det, sharpness(SHARP)))
+    assert c.cheap == pytest.approx(cheap_signal(c.det, sharpness(SHARP), face_grey(SHARP)))
 
 
 def test_gate_candidate_fields_and_track_end() -> None:
@@ -271,6 +278,17 @@ def test_gate_budget_defers_and_end_returns_best_pending() -> None:
     assert pending is not None and pending.frame_index == 2 and pending.cheap == pytest.approx(0.9)
     assert te is not None and te.frames_seen == 3
     assert te.gated == {"budget": 2}  # three deferred, the pending one scored after all
+
+
+def test_gate_short_budget_keeps_a_lit_face_over_a_darker_one() -> None:
+    darker = (SHARP.astype(np.int16) - 64).astype(np.uint8)  # grey about 96 where SHARP is 160; as sharp
+    assert sharpness(darker) == pytest.approx(sharpness(SHARP)) and face_grey(darker) < 0.75 * BRIGHT_GREY
+    g = Gate("cam", SelectionConfig(), TokenBucket(TINY_RATE, burst=1))
+    assert g.observe(0, 0.0, 9, det(), crops()) is not None  # another track spends the only token
+    assert g.observe(1, 0.0, 1, det(score=0.9), crops(darker)) is None
+    assert g.observe(2, 0.1, 1, det(score=0.8), crops()) is None
+    pending, _ = g.end(1)
+    assert pending is not None and pending.frame_index == 2  # scored at the end: the lit one
 
 
 def test_gate_pending_dropped_when_equal_sent() -> None:
