@@ -62,21 +62,27 @@ class ErsModel:
         return self.score(emb) >= self.threshold
 
 
-def ers_path(prepared: PreparedFR) -> Path:
+def ers_path(prepared: PreparedFR, builtin: bool = False) -> Path:
+    """Where the FR model's ERS is saved: beside the dense model (`bestshot ers calibrate`'s, and the built-in one of
+    the FP32 graph), or with `builtin`, where this graph's built-in one goes: another precision's numerics move the
+    embeddings, so its built-in ERS is saved beside its own graph."""
+    if builtin and prepared.manifest.get("precision", "fp32") != "fp32":
+        return prepared.dir / ERS_FILE
     return prepared.dir.parent / ERS_FILE
 
 
-def save_ers(prepared: PreparedFR, model: ErsModel) -> Path:
-    path = ers_path(prepared)
+def save_ers(prepared: PreparedFR, model: ErsModel, builtin: bool = False) -> Path:
+    path = ers_path(prepared, builtin)
     write_json(path, {**model.info, "uic": [round(float(v), 7) for v in model.uic], "threshold": model.threshold,
                       "match_threshold": model.match_threshold, "identity_floor": model.identity_floor,
                       "dense_sha256": prepared.manifest["dense_sha256"]})
     return path
 
 
-def load_ers(prepared: PreparedFR) -> ErsModel | None:
-    """The calibrated ERS of this FR model, or None (not calibrated, or calibrated for another dense model)."""
-    path = ers_path(prepared)
+def load_ers(prepared: PreparedFR, builtin: bool = False) -> ErsModel | None:
+    """The calibrated ERS of this FR model (with `builtin`: at this graph's built-in place), or None (not calibrated,
+    or calibrated for another dense model)."""
+    path = ers_path(prepared, builtin)
     data = read_json(path)
     keys = ("threshold", "match_threshold", "identity_floor")
     if data is None:

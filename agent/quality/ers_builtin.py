@@ -195,16 +195,22 @@ def builtin_ers(scorer: Scorer, det_spec: DetectorSpec, seed: int = 0, positive_
 
 
 def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> ErsModel | None:
-    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`, or an earlier built-in one from the same
-    detector), else a built-in one, built now and saved beside the model. None (logged as an error) when it cannot
-    be built: the agent then runs without ERS (quality-weighted templates)."""
-    with locked(ers_path(prepared)):
+    """The FR model's ERS: the saved calibration (`bestshot ers calibrate`), else the built-in one that this graph's
+    precision and this detector built earlier, else one built now and saved (`ers_path(prepared, builtin=True)`).
+    None (logged as an error) when it cannot be built: the agent then runs without ERS (quality-weighted
+    templates)."""
+    precision = prepared.manifest.get("precision", "fp32")
+    with locked(ers_path(prepared, builtin=True)):
         model = load_ers(prepared)
-        built_by = model.info.get("built", {}).get("detector") if model is not None else None
-        if model is not None and model.info.get("source") == "builtin" and built_by != det_spec.kind:
-            log.info("the saved built-in ERS of %s came from the %s detector: building it for %s", scorer.model_id,
-                     built_by, det_spec.kind)
-            model = None
+        if model is not None and model.info.get("source") == "builtin":
+            if ers_path(prepared, builtin=True) != ers_path(prepared):
+                model = load_ers(prepared, builtin=True)
+            built = model.info.get("built", {}) if model is not None else {}
+            if model is not None and (built.get("detector"), built.get("precision")) != (det_spec.kind, precision):
+                log.info("the saved built-in ERS of %s is for detector %s, precision %s: building it for %s, %s",
+                         scorer.model_id, built.get("detector"), built.get("precision", "unrecorded"), det_spec.kind,
+                         precision)
+                model = None
         if model is None:
             try:
                 model = builtin_ers(scorer, det_spec)
@@ -212,5 +218,6 @@ def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> 
                 log.error("no ERS for %s: cannot build the built-in one (%s); messages carry no ERS until "
                           "`bestshot ers calibrate` runs", scorer.model_id, e)
                 return None
-            log.info("saved %s (`bestshot ers calibrate` on LFW replaces it)", save_ers(prepared, model))
+            model.info.setdefault("built", {})["precision"] = precision
+            log.info("saved %s (`bestshot ers calibrate` on LFW replaces it)", save_ers(prepared, model, builtin=True))
     return model

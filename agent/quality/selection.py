@@ -26,6 +26,7 @@ weights and the probability are carried over (its own calibration puts the cues 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,11 @@ def build_calibration(scorer: Scorer, ers: ErsModel, faces: CalibrationFaces) ->
     return SelectionCalibration(reference, clean, medians(ev_deg))
 
 
+def ers_fingerprint(ers: ErsModel) -> str:
+    """A short hash of the ERS's centre, at the 5 decimals that survive its saved form (7)."""
+    return hashlib.sha256((np.round(ers.uic.astype(np.float64), 5) + 0.0).tobytes()).hexdigest()[:16]  # no -0.0
+
+
 def selection_path(prepared: PreparedFR) -> Path:
     return prepared.dir / "selection.json"
 
@@ -182,14 +188,15 @@ def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None,
         log.error("selection: no ERS for %s, so quality is PreFIQs alone", scorer.model_id)
         return None
     path = selection_path(prepared)
+    made_with = {"detector": detector, "ers": ers_fingerprint(ers)}  # the ERS cue's medians are that ERS's
     with locked(path):
         saved = read_json(path)
-        if saved and saved.get("version") == CALIBRATION_VERSION and saved.get("detector") == detector:
+        if saved and saved.get("version") == CALIBRATION_VERSION and made_with == {k: saved.get(k) for k in made_with}:
             calib = SelectionCalibration.from_json(saved)
         else:
             faces = material(scorer)
             calib = build_calibration(scorer, ers, faces)
-            write_json(path, calib.to_json() | {"detector": detector})
+            write_json(path, calib.to_json() | made_with)
             log.info("selection calibration for %s from %d geometric, %d clean and %d degraded faces (%s): saved %s",
                      scorer.model_id, len(faces.geometric), len(faces.recognisable), len(faces.degraded), detector,
                      path)

@@ -5,6 +5,7 @@ LFW pseudo-tracks."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import build_scorer
 from agent.pipeline.select import Candidate
 from agent.quality.ers import (
+    ErsModel,
     calibrate_ers,
     captured_embeddings,
     degrade,
@@ -159,6 +161,40 @@ def test_ensure_ers_builds_once_and_yields_to_a_calibration(setup, builtin, tmp_
     save_ers(mine, lfw)  # `bestshot ers calibrate` replaces it
     assert ensure_ers(scorer, mine, DetectorSpec()).info["source"] == "lfw"
     assert ensure_ers(scorer, mine, DetectorSpec(kind="retinaface")).info["source"] == "lfw"  # whatever the detector
+
+
+def test_ensure_ers_keeps_a_built_in_one_per_precision(setup, tmp_path, monkeypatch):
+    """INT8 moves the embeddings (the built-in ERS centres of the two graphs: cosine 0.992), so each precision builds
+    and keeps its own; neither replaces the other's, and an LFW calibration serves both."""
+    import agent.quality.ers_builtin
+
+    scorer, prepared, lfw, _, _ = setup
+    fp32 = dataclasses.replace(prepared, dir=tmp_path / "fr" / "recipe")
+    int8 = dataclasses.replace(prepared, dir=tmp_path / "fr" / "recipe-int8",
+                               manifest={**prepared.manifest, "precision": "int8"})
+    fp32.dir.mkdir(parents=True)
+    int8.dir.mkdir(parents=True)
+    built: list[ErsModel] = []
+
+    def build(scorer, det):  # the graph's own built-in ERS, told apart by its threshold
+        built.append(ErsModel(lfw.uic, 1.0 + len(built), None, None, {"source": "builtin",
+                                                                        "built": {"detector": det.kind}}))
+        return built[-1]
+
+    monkeypatch.setattr(agent.quality.ers_builtin, "builtin_ers", build)
+    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 1.0
+    assert ensure_ers(scorer, int8, DetectorSpec()).threshold == 2.0
+    assert (tmp_path / "fr" / "ers.json").is_file() and (tmp_path / "fr" / "recipe-int8" / "ers.json").is_file()
+    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 1.0 and len(built) == 2
+    assert ensure_ers(scorer, int8, DetectorSpec()).info["built"] == {"detector": "centerface", "precision": "int8"}
+    assert len(built) == 2  # each read back, none built again
+    # a cache from before precisions were told apart: its built-in ERS, of an unknown graph, is built again
+    old = json.loads((tmp_path / "fr" / "ers.json").read_text())
+    del old["built"]["precision"]
+    (tmp_path / "fr" / "ers.json").write_text(json.dumps(old))
+    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 3.0
+    save_ers(fp32, lfw)  # `bestshot ers calibrate`
+    assert ensure_ers(scorer, int8, DetectorSpec()).info["source"] == "lfw"
 
 
 def test_ensure_ers_without_a_usable_detector_runs_on_without_ers(setup, tmp_path, monkeypatch, caplog):

@@ -139,7 +139,7 @@ def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_d
     for module in (evaluate, ers_builtin):
         monkeypatch.setattr(module, "load_ers", lambda prepared: other)
     monkeypatch.setattr(ers_builtin, "builtin_ers", lambda scorer, det: fresh)
-    monkeypatch.setattr(ers_builtin, "save_ers", lambda prepared, model: saves.append(model) or prepared.dir)
+    monkeypatch.setattr(ers_builtin, "save_ers", lambda prepared, model, builtin: saves.append(model) or prepared.dir)
     assert ev.ers(FACENET_RECIPE) is fresh and saves == [fresh]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -25,6 +26,7 @@ from agent.quality.selection import (
     WEIGHTS,
     SelectionCalibration,
     ensure_selection,
+    ers_fingerprint,
     fit_probability,
     fit_weights,
     raw_cues,
@@ -171,6 +173,11 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
     # another detector's crops: built again, and saved for it
     ensure_selection(scorer, prepared, ers, "fused", material, "retinaface")
     assert calls == [1, 1] and json.loads(selection_path(prepared).read_text())["detector"] == "retinaface"
+    # another ERS (`bestshot ers calibrate` run since, or another precision's): the ERS cue's medians are built again
+    other = dataclasses.replace(ers, uic=-ers.uic)
+    ensure_selection(scorer, prepared, other, "fused", material, "retinaface")
+    ensure_selection(scorer, prepared, other, "fused", material, "retinaface")
+    assert calls == [1, 1, 1] and json.loads(selection_path(prepared).read_text())["ers"] == ers_fingerprint(other)
     ev = scorer.evidence(crops[:5])
     np.testing.assert_allclose(first(ev)[0], second(ev)[0], rtol=1e-6)
     # on its own calibration, clean faces sit at 0 and degraded ones at -1 of every cue's scale
