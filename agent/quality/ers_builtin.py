@@ -202,7 +202,7 @@ def ensure_ers(scorer: Scorer, prepared: PreparedFR, det_spec: DetectorSpec) -> 
     precision = prepared.manifest.get("precision", "fp32")
     with locked(ers_path(prepared, builtin=True)):
         model = load_ers(prepared)
-        if model is not None and model.info.get("source") == "builtin":
+        if model is None or model.info.get("source") == "builtin":  # no calibration: this graph's built-in one
             if ers_path(prepared, builtin=True) != ers_path(prepared):
                 model = load_ers(prepared, builtin=True)
             built = model.info.get("built", {}) if model is not None else {}

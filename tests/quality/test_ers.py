@@ -182,10 +182,11 @@ def test_ensure_ers_keeps_a_built_in_one_per_precision(setup, tmp_path, monkeypa
         return built[-1]
 
     monkeypatch.setattr(agent.quality.ers_builtin, "builtin_ers", build)
-    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 1.0
-    assert ensure_ers(scorer, int8, DetectorSpec()).threshold == 2.0
+    assert ensure_ers(scorer, int8, DetectorSpec()).threshold == 1.0  # INT8 first, with nothing beside the model
+    assert ensure_ers(scorer, int8, DetectorSpec()).threshold == 1.0 and len(built) == 1  # read back
+    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 2.0
     assert (tmp_path / "fr" / "ers.json").is_file() and (tmp_path / "fr" / "recipe-int8" / "ers.json").is_file()
-    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 1.0 and len(built) == 2
+    assert ensure_ers(scorer, fp32, DetectorSpec()).threshold == 2.0 and len(built) == 2
     assert ensure_ers(scorer, int8, DetectorSpec()).info["built"] == {"detector": "centerface", "precision": "int8"}
     assert len(built) == 2  # each read back, none built again
     # a cache from before precisions were told apart: its built-in ERS, of an unknown graph, is built again
