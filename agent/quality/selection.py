@@ -26,7 +26,6 @@ weights and the probability are carried over (its own calibration puts the cues 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,9 +165,11 @@ def build_calibration(scorer: Scorer, ers: ErsModel, faces: CalibrationFaces) ->
     return SelectionCalibration(reference, clean, medians(ev_deg))
 
 
-def ers_fingerprint(ers: ErsModel) -> str:
-    """A short hash of the ERS's centre, at the 5 decimals that survive its saved form (7)."""
-    return hashlib.sha256((np.round(ers.uic.astype(np.float64), 5) + 0.0).tobytes()).hexdigest()[:16]  # no -0.0
+def same_ers(saved: dict, ers: ErsModel) -> bool:
+    """Whether a saved calibration was built with this ERS: its centre within 1e-4 per component (a saved and
+    reloaded ERS moves by about 1e-7; another build or precision by about 1e-2)."""
+    centre = saved.get("ers_uic")
+    return centre is not None and len(centre) == len(ers.uic) and np.allclose(centre, ers.uic, rtol=0, atol=1e-4)
 
 
 def selection_path(prepared: PreparedFR) -> Path:
@@ -188,15 +189,16 @@ def ensure_selection(scorer: Scorer, prepared: PreparedFR, ers: ErsModel | None,
         log.error("selection: no ERS for %s, so quality is PreFIQs alone", scorer.model_id)
         return None
     path = selection_path(prepared)
-    made_with = {"detector": detector, "ers": ers_fingerprint(ers)}  # the ERS cue's medians are that ERS's
     with locked(path):
         saved = read_json(path)
-        if saved and saved.get("version") == CALIBRATION_VERSION and made_with == {k: saved.get(k) for k in made_with}:
+        # the ERS cue's medians are that ERS's: another ERS (`ers calibrate` since, another precision's) builds again
+        if saved and saved.get("version") == CALIBRATION_VERSION and saved.get("detector") == detector \
+                and same_ers(saved, ers):
             calib = SelectionCalibration.from_json(saved)
         else:
             faces = material(scorer)
             calib = build_calibration(scorer, ers, faces)
-            write_json(path, calib.to_json() | made_with)
+            write_json(path, calib.to_json() | {"detector": detector, "ers_uic": [round(float(v), 5) for v in ers.uic]})
             log.info("selection calibration for %s from %d geometric, %d clean and %d degraded faces (%s): saved %s",
                      scorer.model_id, len(faces.geometric), len(faces.recognisable), len(faces.degraded), detector,
                      path)

@@ -17,7 +17,7 @@ from agent.backends.pairs import build_pair
 from agent.common.fr_spec import FACENET, preprocess
 from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
-from agent.pipeline.score import Scorer, build_scorer, face_brightness
+from agent.pipeline.score import Scorer, build_scorer, face_brightness, l2n
 from agent.quality.degrade import Degradation
 from agent.quality.ers_builtin import CalibrationFaces
 from agent.quality.evaluate import degrade_face
@@ -26,10 +26,10 @@ from agent.quality.selection import (
     WEIGHTS,
     SelectionCalibration,
     ensure_selection,
-    ers_fingerprint,
     fit_probability,
     fit_weights,
     raw_cues,
+    same_ers,
     selection_path,
     with_selection,
 )
@@ -177,7 +177,11 @@ def test_calibration_is_built_once_and_saved(tmp_path, faces):
     other = dataclasses.replace(ers, uic=-ers.uic)
     ensure_selection(scorer, prepared, other, "fused", material, "retinaface")
     ensure_selection(scorer, prepared, other, "fused", material, "retinaface")
-    assert calls == [1, 1, 1] and json.loads(selection_path(prepared).read_text())["ers"] == ers_fingerprint(other)
+    assert calls == [1, 1, 1] and same_ers(json.loads(selection_path(prepared).read_text()), other)
+    # the same ERS saved and read back (its centre rounded to 7 decimals, renormalised): not built again
+    reread = dataclasses.replace(other, uic=l2n(np.round(other.uic, 7).astype(np.float32)[None])[0])
+    ensure_selection(scorer, prepared, reread, "fused", material, "retinaface")
+    assert calls == [1, 1, 1]
     ev = scorer.evidence(crops[:5])
     np.testing.assert_allclose(first(ev)[0], second(ev)[0], rtol=1e-6)
     # on its own calibration, clean faces sit at 0 and degraded ones at -1 of every cue's scale
