@@ -1,4 +1,7 @@
-"""When a camera's frame goes to the detector: every `detect_every`th frame, and on an empty, still scene less often.
+"""When a camera's frame goes to the detector: every `detect_every`th frame the worker takes, and on an empty, still
+scene less often. Frames are counted here, not by their decoder index: a source's frame-rate cap or a dropped frame
+leaves gaps in the index (a 30 fps camera capped at 15 fps delivers only even indices, which "every 2nd index" would
+detect one and all).
 
 With `idle_every_s` set, a frame of a camera with no open track (confirmed, lost or tentative) is detected only
 when a cheap motion test fires (a 64x36 grey thumbnail against the one at the last detection: a share of its
@@ -21,11 +24,13 @@ class Cadence:
         self.every, self.idle_every_s, self.motion_area = every, idle_every_s, motion_area
         self._ref: np.ndarray | None = None  # thumbnail at the last detection on an idle scene
         self._last: float | None = None  # pts of the last detection
+        self._seen = 0  # frames offered
         self.idle_skipped = 0  # frames not detected because the scene was empty and still
 
-    def due(self, index: int, pts: float, image: np.ndarray, busy: bool) -> bool:
-        """Whether frame `index` (at `pts`) is detected; `busy`: the camera has open tracks."""
-        if index % self.every:
+    def due(self, pts: float, image: np.ndarray, busy: bool) -> bool:
+        """Whether the next frame the worker took (at `pts`) is detected; `busy`: the camera has open tracks."""
+        self._seen += 1
+        if (self._seen - 1) % self.every:
             return False
         if self.idle_every_s is None or busy:
             self._ref, self._last = None, pts  # the first idle frame after tracks is detected and is the reference

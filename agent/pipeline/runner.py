@@ -209,7 +209,7 @@ class CameraWorker(threading.Thread):
         self.frames += 1
         if upstream_tracks is None:
             open_tracks = trackers.get(frame.camera)
-            if not self.cadence.due(frame.index, frame.pts, frame.image, bool(open_tracks and open_tracks.tracks)):
+            if not self.cadence.due(frame.pts, frame.image, bool(open_tracks and open_tracks.tracks)):
                 return
             t = time.perf_counter()
             dets = self.detector.detect(frame.image)

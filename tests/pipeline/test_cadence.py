@@ -26,7 +26,7 @@ def noisy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def detected(cadence: Cadence, images: list[np.ndarray], busy: bool = False) -> list[int]:
-    return [i for i, im in enumerate(images) if cadence.due(i, i / FPS, im, busy)]
+    return [i for i, im in enumerate(images) if cadence.due(i / FPS, im, busy)]
 
 
 def test_still_scene_is_detected_every_idle_period(frames: list[np.ndarray]) -> None:
@@ -47,3 +47,21 @@ def test_moving_scene_busy_and_off_detect_every_nth(frames: list[np.ndarray]) ->
     assert detected(Cadence(every=3), still) == list(range(0, 60, 3))  # off: the still scene too
     moving = detected(Cadence(every=1, idle_every_s=10.0), frames)  # the stage performance moves
     assert len(moving) >= 30
+
+
+def test_every_nth_counts_the_frames_the_worker_takes_not_decoder_indices() -> None:
+    """A 30 fps clip capped at 15 fps reaches the worker with even decoder indices only; `detect_every: 2` must still
+    detect every 2nd of those frames (it used to take the index, so every frame was detected)."""
+    from agent.common.fr_spec import FACENET
+    from agent.pipeline.runner import CameraConfig, Pipeline
+    from agent.pipeline.score import build_scorer
+    from agent.pipeline.sources.video import SourceOptions
+
+    scorer, _ = build_scorer(FACENET)
+    cam = CameraConfig(id="capped", url=str(CLIP), detect_every=2,
+                       source=SourceOptions(max_fps=15.0, duration_s=4.0))
+    pipeline = Pipeline([cam], FACENET, scorer, lambda s: True)
+    pipeline.run()
+    [worker] = pipeline.finished
+    assert worker.source.stats.dropped_fps >= worker.frames - 1 > 50  # the cap dropped every other decoded frame
+    assert pipeline.times.n["detect"] == -(-worker.frames // 2)

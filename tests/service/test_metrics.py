@@ -286,7 +286,7 @@ def test_real_pipeline(shared_dir):
     assert m["bestshot_build_info", (("model_id", scorer.model_id), ("version", version("bestshot-agent")))] == 1
     assert m["bestshot_stage_seconds_count", (("stage", "publish"),)] == pipeline.times.n["publish"]
     assert m["bestshot_stage_seconds_count", (("stage", "decode"),)] == pipeline.times.n["decode"] == worker.frames
-    # detect_every=3: frames 0, 3, 6, ... (Frame.index counts every decoded frame, across loops) are detected
+    # detect_every=3: the worker's frames 0, 3, 6, ... are detected
     assert m["bestshot_stage_seconds_count", (("stage", "detect"),)] == pipeline.times.n["detect"] == -(
         -worker.frames // 3)
     assert ("bestshot_camera_up", (("camera", "clip"),)) not in m  # ended
