@@ -23,7 +23,7 @@ def camera_secrets(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "server.yaml", "jetson-orin.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "server.yaml", "jetson-orin.yaml", "cpu-box.yaml"])
 def test_example_configs_validate(name):
     out = io.StringIO()
     assert check_config(CONFIGS / name, out) == 0, out.getvalue()
@@ -49,6 +49,10 @@ def test_example_configs_cover_what_they_promise():
     jetson = load_config(CONFIGS / "jetson-orin.yaml")
     assert jetson.backend == "tensorrt" and jetson.scoring.budget
     assert jetson.publisher.endpoint == "tcp://0.0.0.0:5556" and jetson.publisher.curve
+    box = load_config(CONFIGS / "cpu-box.yaml")  # the measured 2-core, 8-camera settings (docs/PERFORMANCE.md)
+    assert len(box.cameras) == 8 and box.backend == "onnxruntime"
+    assert (box.scoring.precision, box.scoring.budget) == ("int8", 100)
+    assert all((c.detector.kind, c.detect_every, c.source.max_fps) == ("retinaface", 2, 15) for c in box.cameras)
     demo = load_config(CONFIGS / "demo.yaml")
     assert demo.cameras[0].url == "rtsp://127.0.0.1:8554/demo" and demo.metrics.listen.startswith("127.0.0.1:")
 
