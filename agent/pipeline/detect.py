@@ -88,7 +88,6 @@ def _grid(rows: int, cols: int, per_cell: int = 1) -> np.ndarray:
     return np.repeat(xy, per_cell, axis=0)
 
 
-
 def planar(image: np.ndarray, channels: tuple[int, int, int], mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
            scale: float = 1.0) -> np.ndarray:
     """HxWx3 uint8 -> contiguous 3xHxW float32: output plane k is (image[..., channels[k]] - mean[k]) * scale, one
@@ -270,6 +269,7 @@ class RetinaFaceDetector(OnnxDetector):
     """RetinaFace MobileNet-0.25 (biubug6): BGR minus (104,117,123), SSD-style priors and variances."""
 
     default_threshold = 0.6
+
     def normalize(self, padded_bgr: np.ndarray) -> np.ndarray:
         return planar(padded_bgr, (0, 1, 2), (104.0, 117.0, 123.0))
 
