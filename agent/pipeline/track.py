@@ -3,11 +3,14 @@
 Own code rather than the `trackers` package: that pulls supervision, rich, requests and a second OpenCV into an
 edge agent for about 150 lines of logic; scipy's Hungarian solver does the matching.
 
-Per update (ByteTrack): predict every track's box at `t`; match the high-score detections to all tracks
-(tracked and lost) by IoU; match the low-score ones to the confirmed tracks still unmatched that were matched at
-the previous update; start a tentative track from each unmatched high detection scoring at least
-`new_track_threshold`. A tentative track missed once is dropped; a confirmed one missed for more than `max_lost_s`
-ends. Times are pts seconds, so frame rate and skipped frames only change the time between updates.
+Per update (ByteTrack): predict every track's box at `t`; match the high-score detections to all tracks (tracked and
+lost) by IoU, then what is left over by IoU of the boxes grown `buffer_scale` times around their centres (the
+cascaded buffered IoU of C-BIoU, Yang et al. 2023: a face that moved more than its size since its last detection, at
+a low detection rate or after a miss, no longer overlaps its prediction); match the low-score ones to the confirmed
+tracks still unmatched that were matched at the previous update; start a tentative track from each unmatched high
+detection scoring at least `new_track_threshold`. A tentative track missed once is dropped; a confirmed one missed
+for more than `max_lost_s` ends.
+Times are pts seconds, so frame rate and skipped frames only change the time between updates.
 Only confirmed tracks are output: the first `min_hits - 1` detections of each track are not reported.
 """
 
@@ -32,6 +35,7 @@ class TrackerConfig:
     low_threshold: float = 0.1  # detections scoring below this are ignored
     match_iou: float = 0.3  # least IoU for the first (high-score) association
     low_match_iou: float = 0.5  # least IoU for the second (low-score) association
+    buffer_scale: float = 1.5  # each association again on what it left, boxes grown this much (1: off)
     new_track_threshold: float = 0.6  # unmatched high detections scoring at least this start a track
     min_hits: int = 2  # matched updates (the first included) before a track is confirmed and output
     max_lost_s: float = 1.0  # a confirmed track unmatched for longer than this ends
@@ -76,13 +80,33 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _assign(tracks: list[_Track], dets: list[Detection], t: float, tau: float, min_iou: float) -> list[tuple[int, int]]:
-    """Hungarian (track index, detection index) pairs maximising total IoU, each at least `min_iou`."""
-    if not tracks or not dets:
-        return []
-    iou = iou_matrix(np.stack([tr.predict(t, tau) for tr in tracks]), np.stack([d.bbox for d in dets]))
+def _grown(boxes: np.ndarray, scale: float) -> np.ndarray:
+    """xyxy boxes scaled `scale` times about their centres."""
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def _matches(a: np.ndarray, b: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
+    """Hungarian (row of a, row of b) pairs maximising total IoU, each at least `min_iou`."""
+    iou = iou_matrix(a, b)
     rows, cols = linear_sum_assignment(iou, maximize=True)
     return [(r, c) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou]
+
+
+def _assign(tracks: list[_Track], dets: list[Detection], t: float, tau: float, min_iou: float,
+            buffer_scale: float = 1.0) -> list[tuple[int, int]]:
+    """(track index, detection index) pairs by IoU of predicted and detected boxes, each at least `min_iou`; then,
+    with `buffer_scale` > 1, the tracks and detections left over by IoU of the grown boxes."""
+    if not tracks or not dets:
+        return []
+    pred, boxes = np.stack([tr.predict(t, tau) for tr in tracks]), np.stack([d.bbox for d in dets])
+    pairs = _matches(pred, boxes, min_iou)
+    rest_t = np.setdiff1d(np.arange(len(tracks)), [r for r, _ in pairs])
+    rest_d = np.setdiff1d(np.arange(len(dets)), [c for _, c in pairs])
+    if buffer_scale > 1.0 and len(rest_t) and len(rest_d):
+        grown = _matches(_grown(pred[rest_t], buffer_scale), _grown(boxes[rest_d], buffer_scale), min_iou)
+        pairs += [(int(rest_t[r]), int(rest_d[c])) for r, c in grown]
+    return pairs
 
 
 class Tracker:
@@ -103,11 +127,11 @@ class Tracker:
         high = [d for d in dets if d.score >= cfg.high_threshold]
         low = [d for d in dets if cfg.low_threshold <= d.score < cfg.high_threshold]
 
-        pairs = _assign(tracks, high, t, tau, cfg.match_iou)
+        pairs = _assign(tracks, high, t, tau, cfg.match_iou, cfg.buffer_scale)
         matched = [(tracks[r], high[c]) for r, c in pairs]
         used, first = {c for _, c in pairs}, {r for r, _ in pairs}
         second = [tr for i, tr in enumerate(tracks) if i not in first and tr.tracked and tr.track_id is not None]
-        matched += [(second[r], low[c]) for r, c in _assign(second, low, t, tau, cfg.low_match_iou)]
+        matched += [(second[r], low[c]) for r, c in _assign(second, low, t, tau, cfg.low_match_iou, cfg.buffer_scale)]
 
         for tr in tracks:
             tr.tracked = False

@@ -222,3 +222,61 @@ def test_real_clip_tracks_are_few_and_unbroken(clip_detections, floor: float) ->
     assert 3 <= len(track_ids) <= 3 * most_faces  # three shots with faces; little fragmentation
     assert followed >= 100 and kept >= 0.8 * followed and switched == 0
     assert confident >= 100 and confident_out >= 0.9 * confident
+
+
+# --- low detection rates (buffered IoU) ---
+
+
+def walk(config: TrackerConfig, rate: float, gap: float) -> tuple[list[int], list[int]]:
+    """Two 60 px faces, one above the other `gap` px apart, walk right detected `rate` times a second, 42 px (0.7 of
+    a face's width) between detections: too far for their boxes to overlap by IoU 0.3 before there is a velocity."""
+    tracker, ids_a, ids_b = Tracker(config), [], []
+    for k in range(int(3 * rate)):
+        a, b = box(42 * k, 100, size=60), box(42 * k, 160 + gap, size=60)
+        update = tracker.update([b, a], k / rate)
+        ids_a += ids_of(update, a)
+        ids_b += ids_of(update, b)
+    return ids_a, ids_b
+
+
+@pytest.mark.parametrize("rate", [3.0, 5.0])
+def test_a_face_that_moves_far_between_detections_keeps_one_id(rate: float) -> None:
+    ids_a, _ = walk(TrackerConfig(), rate, gap=600)
+    assert len(ids_a) == int(3 * rate) - 1 and set(ids_a) == {ids_a[0]}
+    plain_a, _ = walk(TrackerConfig(buffer_scale=1.0), rate, gap=600)  # IoU alone: never confirmed
+    assert plain_a == []
+
+
+@pytest.mark.parametrize("gap", [0.0, 10.0, 30.0])
+def test_faces_side_by_side_keep_their_own_ids_at_a_low_rate(gap: float) -> None:
+    ids_a, ids_b = walk(TrackerConfig(), 4.0, gap)
+    assert len(ids_a) == len(ids_b) == 11 and set(ids_a) == {ids_a[0]} and set(ids_b) == {ids_b[0]}
+    assert ids_a[0] != ids_b[0]
+
+
+def test_walking_crowd_at_five_detections_a_second_is_not_split() -> None:
+    """The 1080p crowd walks towards the camera; detected 5 times a second, each person's track (as tracked at
+    25 fps) must stay one track (IoU alone split them into 1.9 tracks each) and hold one person."""
+    clip = SHARED / "data" / "video" / "facenet_pytorch_video.mp4"
+    detector = make_detector(DetectorSpec(threads=2))
+    with av.open(str(clip)) as container:
+        frames = [(float(f.time), detector.detect(f.to_ndarray(format="bgr24"))) for f in container.decode(video=0)]
+
+    def labels(step: int) -> dict[tuple[int, int], int]:
+        tracker, out = Tracker(), {}
+        for i in range(0, len(frames), step):
+            t, dets = frames[i]
+            for face in tracker.update(dets, t).active:
+                out[i, next(j for j, d in enumerate(dets) if d is face.det)] = face.track_id
+        return out
+
+    full, low = labels(1), labels(5)
+    pieces: dict[int, set[int]] = {}
+    owners: dict[int, list[int]] = {}
+    for key, tid in low.items():
+        if key in full:
+            pieces.setdefault(full[key], set()).add(tid)
+            owners.setdefault(tid, []).append(full[key])
+    assert len(pieces) >= 8 and np.mean([len(p) for p in pieces.values()]) <= 1.2
+    impure = sum(len(o) - max(o.count(x) for x in o) for o in owners.values())
+    assert impure <= 0.05 * sum(len(o) for o in owners.values())
