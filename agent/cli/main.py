@@ -318,7 +318,7 @@ def cmd_eval_tracks(args) -> int:
     video = None if args.no_video else args.shared / "data/video/short_hamilton_clip.mp4"
     res = eval_tracks(args.out, args.recipes.split(","), lfw=args.shared / "data/lfw", video=video, seed=args.seed,
                       synthetic=args.synthetic, threads=args.threads, cache=args.cache, demo=args.demo,
-                      precision=args.precision, detector=_eval_detector(args))
+                      precision=args.precision, detector=_eval_detector(args), natural=args.natural)
     log.info("wrote %s (%.0f s)", args.out / "tracks.md", res["seconds"])
     return 0
 
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, help="at most this many matched and mismatched pairs (quick run)")
         else:
             p.add_argument("--synthetic", type=int, default=120, help="synthetic LFW tracks")
+            p.add_argument("--natural", type=int, help="natural LFW tracks: people whose own photos make the frames "
+                                                       "(default: all 144 test-split people with 4+ photos; 0: none)")
             p.add_argument("--no-video", action="store_true", help="skip the real clip")
             p.add_argument("--demo", action="store_true", help="also the embedded demo clip (its photos enrol)")
         p.add_argument("--threads", type=int)

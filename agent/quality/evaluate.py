@@ -12,7 +12,9 @@ Protocols (docs/QUALITY.md has the tables and the commands):
   person's second image as the enrolment) and real ones (the Hamilton clip, detected and tracked, each track
   assigned to the enrolment image it resembles most if the similarity clears a threshold). A frame's utility is
   its cosine to the enrolment under the other FR model (not the scoring one); each method picks its best-quality
-  frame per track.
+  frame per track. Natural tracks: a test-split person's own clean LFW photos as the frames of one track (their
+  first photo the enrolment), so pose, expression, lighting and age vary as they do between real sightings, with
+  no synthetic degradation.
 Faces are detected once per image (CenterFace); a degraded face the detector misses keeps the clean detection
 mapped through the degradation, with detector score 0.
 """
@@ -467,6 +469,31 @@ def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: in
     return TrackSet(name, faces, tracks, utility, list(people), kinds)
 
 
+def natural_tracks(ev: Evaluator, people: Sequence[str], frames: int = 10, name: str = "natural") -> TrackSet:
+    """Per person with 4 or more photos: the first photo (clean) is the enrolment, the next `frames` photos are the
+    track's frames, as they are. What varies between them is what varies between real sightings (pose,
+    expression, lighting, age, camera), which the synthetic tracks do not model."""
+    people = [p for p in people if len(person_images(ev.lfw, p)) >= 4]
+
+    def enrol_items() -> Iterator[Item]:
+        for p in people:
+            im = person_images(ev.lfw, p)[0]
+            yield im.key, p, *ev.clean(im)
+
+    def frame_items() -> Iterator[Item]:
+        for p in people:
+            for im in person_images(ev.lfw, p)[1 : frames + 1]:
+                yield im.key, p, *ev.clean(im)
+
+    enrol = ev.faces(enrol_items(), f"{name} enrolments", len(people)).other_emb()
+    counts = [min(len(person_images(ev.lfw, p)) - 1, frames) for p in people]
+    faces = ev.faces(frame_items(), f"{name} frames", sum(counts))
+    ends = np.cumsum([0, *counts])
+    tracks = [np.arange(a, b) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    utility = np.concatenate([faces.other_emb()[t] @ enrol[i] for i, t in enumerate(tracks)])
+    return TrackSet(name, faces, tracks, utility, list(people))
+
+
 def demo_enrolments(folder: Path) -> dict[str, Path]:
     """The demo clip's source photos, written to `folder` (the utility of a demo frame is its similarity to the
     photo it was made from: an upper bound of real enrolment, but it ranks the frames of a track fairly)."""
@@ -722,10 +749,11 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
                 enrolments: dict[str, Path] | None = None, other_model: Path = OTHER_MODEL,
                 lightqnet: Path = LIGHTQNET, seed: int = 0, synthetic: int = 120, frames: int = 10,
                 threads: int | None = None, cache: Path | None = None, demo: bool = False,
-                precision: str = "fp32", detector: DetectorSpec | None = None) -> dict:
+                precision: str = "fp32", detector: DetectorSpec | None = None, natural: int | None = None) -> dict:
     """Best-shot selection: per method, the utility of the frame it picks per track, on `synthetic` LFW tracks of
-    `frames` frames (test-split people), on the real clip `video` (None: skip) with its enrolment images and, with
-    `demo`, on the embedded demo clip with its two source photos as enrolments.
+    `frames` frames (test-split people), on natural LFW tracks of up to `frames` photos (`natural` test-split
+    people with 4+ photos, seeded choice; None: all of them, 0: none), on the real clip `video` (None: skip) with
+    its enrolment images and, with `demo`, on the embedded demo clip with its two source photos as enrolments.
     Writes tracks.json, tracks.md and tracks.png under `out`. `detector`: as for `eval_pairs`."""
     t0 = time.monotonic()
     ev = Evaluator(lfw, other_model, lightqnet, threads, cache, precision, detector)
@@ -733,12 +761,17 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
     people = sorted({a.person for a, b in pairs if a.person == b.person})
     people = sorted(np.random.default_rng(seed).permutation(people)[:synthetic].tolist())
     sets = [synthetic_tracks(ev, people, seed, frames)]
+    if natural != 0:
+        many = sorted({x.person for pair in pairs for x in pair if len(person_images(ev.lfw, x.person)) >= 4})
+        if natural is not None:
+            many = sorted(np.random.default_rng(seed).permutation(many)[:natural].tolist())
+        sets.append(natural_tracks(ev, many, frames))
     if video is not None:
         sets.append(video_tracks(ev, video, enrolments or ENROLMENTS))
     if demo:
         sets.append(video_tracks(ev, demo_clip_path(), demo_enrolments(out / "demo-enrolments")))
     res = {"config": {"recipes": list(recipes), "precision": precision, "detector": ev.det.kind, "seed": seed,
-                      "synthetic": len(people),
+                      "synthetic": len(people), "natural": natural,
                       "frames": frames,
                       "video": str(video) if video else None, "utility_model": ev.other_spec.name},
            "sets": {}}

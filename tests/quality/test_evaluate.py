@@ -100,7 +100,7 @@ def test_eval_pairs_small(shared_dir, tmp_path):
 def test_eval_tracks_small(shared_dir, tmp_path):
     # the default recipe: its calibrations are the ones the rest of the suite prepares too
     res = eval_tracks(tmp_path, [FACENET_RECIPE], lfw=shared_dir / "data/lfw", video=None, synthetic=6, frames=6,
-                      demo=True)
+                      demo=True, natural=5)
     demo = next(v for k, v in res["sets"].items() if k.startswith("demo"))
     assert demo["tracks"] == 4  # the clip's four appearances, each named by its source photo
     assert demo["methods"]["size"]["gain"] > 0.5  # faces grow as they come clean in the demo
@@ -112,6 +112,12 @@ def test_eval_tracks_small(shared_dir, tmp_path):
     for name, m in r["methods"].items():
         assert m["utility"] <= r["oracle_utility"] + 1e-9, name
     assert r["methods"][f"PreFIQs {FACENET_RECIPE}"]["spearman"] > 0.2  # quality follows utility within tracks
+    nat = res["sets"]["natural"]  # people's own photos: 5 test-split people with 4+, up to 6 frames each
+    assert nat["tracks"] == 5 and nat["methods"]["oracle"]["gain"] == 1.0
+    lfw = shared_dir / "data/lfw"
+    assert not set(nat["labels"]) & set(lfw_split(lfw)[1])  # never a tuning person
+    # the first photo enrols, the next six (at most) are the frames
+    assert nat["frames"] == sum(min(len(evaluate.person_images(lfw, p)) - 1, 6) for p in nat["labels"])
 
 
 def test_eval_reuses_the_saved_builtin_ers_and_never_an_lfw_calibration(shared_dir, monkeypatch):
