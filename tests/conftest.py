@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import select
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from skip_guard import (  # noqa: F401 (hooks: under CI only GPU tests may skip)
     pytest_collectreport,
     pytest_runtest_logreport,
@@ -63,17 +63,11 @@ def _rtsp_unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RtspServer:
     """One tests/rtsp_server.py process serving `file` at `url`; kill() then start() again keeps the port and url."""
 
     def __init__(self, file: Path, path: str = "cam", loop: bool = False) -> None:
-        self.file, self.loop, self.port = file, loop, _free_port()
+        self.file, self.loop, self.port = file, loop, free_port()
         self.url = f"rtsp://127.0.0.1:{self.port}/{path}"
         self._args = [SYSTEM_PYTHON, str(HERE / "rtsp_server.py"), "--port", str(self.port), "--path", path,
                       "--file", str(file)] + (["--loop"] if loop else [])

@@ -18,17 +18,12 @@ import cv2
 import nats
 import numpy as np
 import pytest
+from ports import free_port
 
 from agent.types import BestShot
 
 HERE = Path(__file__).resolve().parent
 PHOTO = HERE.parents[2] / "shared" / "data" / "images" / "face_recognition" / "obama-1080p.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def binary(name: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from ports import free_port
 
 from agent.pipeline.sources.video import SourceOptions, VideoSource, is_live, open_source, redact
 
@@ -41,12 +42,6 @@ def faststart(clip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 packet.stream = stream
                 out.mux(packet)
     return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_is_live_and_redact() -> None:

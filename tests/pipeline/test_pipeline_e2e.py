@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,18 +18,13 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from ports import free_port
 
 from agent.cli.subscribe import subscribe
 from agent.common.fr_spec import FACENET
 from agent.quality.ers import load_ers
 from agent.quality.selection import WEIGHTS
 from engines.prepare import prepare_fr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:

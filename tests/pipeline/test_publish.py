@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from ports import free_port
 
 from agent.cli.subscribe import subscribe
 from agent.pipeline.outputs.exposure import in_clear, is_local
@@ -48,12 +49,6 @@ def ipc_endpoint() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="bs", dir="/tmp")  # ipc paths must stay under ~107 characters
     yield f"ipc://{d}/shots.sock"
     shutil.rmtree(d, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_round_trip() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from ports import free_port
 from upstream_sender import message, send, video_frames
 
 from agent.pipeline.sources.upstream import Malformed, UpstreamOptions, UpstreamSource, decode_message, jpeg_size
@@ -39,9 +39,7 @@ def frames(clip: Path) -> list[Frame]:
 
 @pytest.fixture
 def endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def tracks(frame: Frame) -> list[dict]:

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import yaml
 import zmq
+from ports import free_port
 from test_notify import Systemd
 
 from agent.common.keys import check_secret_file, generate_keys, load_public_key
@@ -39,12 +40,6 @@ SELFIE = "data/video/inspireface_810_1684206192.mp4"  # one face throughout, 345
 POLL_S = 0.3
 SHOT_LINE = re.compile(r"camera (\S+) track (\d+): (\w+) shot, frame (\d+), quality ([0-9.]+)")
 CLOSED = re.compile(r"closed: (\d+) published \(\d+ bytes\), (\d+) dropped, (\d+) spooled, (\d+) still in the spool")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def until(cond: Callable[[], object], timeout: float, what: str, alive: Callable[[], None] | None = None) -> None:

@@ -21,18 +21,13 @@ import av
 import numpy as np
 import pytest
 import yaml
+from ports import free_port
 
 from agent.cli.main import build_parser, load_run_config, main
 from agent.service.config import CAMERA_ID, ConfigError, derive_camera_id
 from agent.service.process import RunSummary
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
