@@ -441,15 +441,16 @@ class TrackSet:
     kinds: np.ndarray | None = None  # per face, the degradation drawn on top of the pose warp (synthetic tracks)
 
 
+def enrolments(ev: Evaluator, people: Sequence[str], index: int, name: str) -> np.ndarray:
+    """The other FR model's embeddings of each person's photo number `index` (clean): the tracks' enrolments."""
+    items = ((im.key, p, *ev.clean(im)) for p in people for im in [person_images(ev.lfw, p)[index]])
+    return ev.faces(items, f"{name} enrolments", len(people)).other_emb()
+
+
 def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: int = 10,
                      name: str = "synthetic") -> TrackSet:
     """Per person: the first image, degraded per frame by a pose-like warp (severity U(0, 0.5)) then one of two
     kinds drawn for the track (severity U(0, 1)); the enrolment is the person's second image (clean)."""
-
-    def enrol_items() -> Iterator[Item]:
-        for p in people:
-            im = person_images(ev.lfw, p)[1]
-            yield im.key, p, *ev.clean(im)
 
     def frame_items() -> Iterator[Item]:
         for p in people:
@@ -461,7 +462,7 @@ def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: in
                       Degradation(str(rng.choice(kinds)), float(rng.uniform(0, 1)), int(rng.integers(2**31)))]
                 yield f"{src.key}|{t}|{ds[0]}|{ds[1]}", p, *ev.degraded(src, ds)
 
-    enrol = ev.faces(enrol_items(), f"{name} enrolments", len(people)).other_emb()
+    enrol = enrolments(ev, people, 1, name)
     faces = ev.faces(frame_items(), f"{name} frames", len(people) * frames)
     tracks = [np.arange(i * frames, (i + 1) * frames) for i in range(len(people))]
     utility = np.concatenate([faces.other_emb()[t] @ enrol[i] for i, t in enumerate(tracks)])
@@ -475,17 +476,12 @@ def natural_tracks(ev: Evaluator, people: Sequence[str], frames: int = 10, name:
     expression, lighting, age, camera), which the synthetic tracks do not model."""
     people = [p for p in people if len(person_images(ev.lfw, p)) >= 4]
 
-    def enrol_items() -> Iterator[Item]:
-        for p in people:
-            im = person_images(ev.lfw, p)[0]
-            yield im.key, p, *ev.clean(im)
-
     def frame_items() -> Iterator[Item]:
         for p in people:
             for im in person_images(ev.lfw, p)[1 : frames + 1]:
                 yield im.key, p, *ev.clean(im)
 
-    enrol = ev.faces(enrol_items(), f"{name} enrolments", len(people)).other_emb()
+    enrol = enrolments(ev, people, 0, name)
     counts = [min(len(person_images(ev.lfw, p)) - 1, frames) for p in people]
     faces = ev.faces(frame_items(), f"{name} frames", sum(counts))
     ends = np.cumsum([0, *counts])
