@@ -41,7 +41,7 @@ from agent.pipeline.align import align
 from agent.pipeline.detect import DetectorSpec, make_detector
 from agent.pipeline.score import Evidence, Scorer, face_brightness, l2n, prefiqs
 from agent.pipeline.select import sharpness
-from agent.pipeline.sources.demo import demo_clip_path, people
+from agent.pipeline.sources.demo import demo_clip_path, load_truth, people
 from agent.pipeline.track import Tracker, iou_matrix
 from agent.quality.baselines import LightQNet, lightqnet_crop, random_quality, rank_fusion
 from agent.quality.degrade import KINDS, Degradation, degrade, map_box, map_points, random_degradation
@@ -587,6 +587,23 @@ def track_results(ts: TrackSet, methods: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def clean_shots(ts: TrackSet, methods: dict[str, np.ndarray], truth: dict) -> dict:
+    """The demo clip: per method, the frame it picks per track and how many of them the clip's record marks clean
+    (no blur, noise, darkening or occlusion, fully in view: where the best shot should come from). A track's face
+    in a frame is the record's face of the person its label names (one per frame in the demo)."""
+    people = [label.split("=", 1)[1] for label in ts.labels]
+    out = {}
+    for name, q in {**methods, "oracle": ts.utility}.items():
+        frames, clean = [], 0
+        for idx, person in zip(ts.tracks, people, strict=True):
+            frame = int(ts.faces.keys[idx[int(np.argmax(q[idx]))]].split("/")[1])
+            marks = [f["clean"] for f in truth["faces"][frame] if f["person"] == person]
+            frames.append(frame)
+            clean += len(marks) == 1 and bool(marks[0])
+        out[name] = {"frames": frames, "clean": clean}
+    return out
+
+
 # ---------------------------------------------------------------- outputs
 
 
@@ -680,6 +697,12 @@ def tracks_markdown(res: dict) -> str:
             lines.append(f"| {m} | {v['utility']:.4f} | {v['vs_random']:+.4f} | {v['regret']:.4f} | "
                          f"{_f(v['gain'], 3)} ± {_f(v['gain_sd'], 3)} | {_f(v['spearman'], 3)} |")
         lines.append("")
+        if "clean_shots" in r:
+            lines += ["Each method's shot per track and how many of them the clip's record marks clean:", "",
+                      "| method | frames | clean |", "| --- | --- | ---: |"]
+            lines += [f"| {m} | {', '.join(map(str, v['frames']))} | {v['clean']}/{len(v['frames'])} |"
+                      for m, v in r["clean_shots"].items()]
+            lines.append("")
         if "spearman_by_kind" in r:
             kinds = list(next(iter(r["spearman_by_kind"].values())))
             lines += [f"Spearman(quality, utility) over the {name} frames pooled, by the degradation on top of the "
@@ -764,15 +787,20 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
         sets.append(natural_tracks(ev, many, frames))
     if video is not None:
         sets.append(video_tracks(ev, video, enrolments or ENROLMENTS))
+    demo_set: TrackSet | None = None
     if demo:
-        sets.append(video_tracks(ev, demo_clip_path(), demo_enrolments(out / "demo-enrolments")))
+        clip = demo_clip_path()
+        sets.append(demo_set := video_tracks(ev, clip, demo_enrolments(out / "demo-enrolments")))
     res = {"config": {"recipes": list(recipes), "precision": precision, "detector": ev.det.kind, "seed": seed,
                       "synthetic": len(people), "natural": natural,
                       "frames": frames,
                       "video": str(video) if video else None, "utility_model": ev.other_spec.name},
            "sets": {}}
     for ts in sets:
-        res["sets"][ts.name] = track_results(ts, ev.methods(ts.faces, recipes, seed))
+        methods = ev.methods(ts.faces, recipes, seed)
+        res["sets"][ts.name] = track_results(ts, methods)
+        if ts is demo_set:
+            res["sets"][ts.name]["clean_shots"] = clean_shots(ts, methods, load_truth(clip))
     out.mkdir(parents=True, exist_ok=True)
     plot_tracks(res["sets"], out / "tracks.png")
     res["seconds"] = round(time.monotonic() - t0, 1)

@@ -105,6 +105,11 @@ def test_eval_tracks_small(shared_dir, tmp_path):
     assert demo["tracks"] == 4  # the clip's four appearances, each named by its source photo
     assert demo["methods"]["size"]["gain"] > 0.5  # faces grow as they come clean in the demo
     assert demo["methods"]["ERS (built-in)"]["gain"] > 0.5  # full run: 0.884 (docs/QUALITY.md)
+    shots = demo["clean_shots"]  # per method, its shot per track and how many the clip's record marks clean
+    assert all(len(v["frames"]) == 4 and 0 <= v["clean"] <= 4 for v in shots.values())
+    assert shots["oracle"]["clean"] == 4  # the frames most like the source photos lie in the clean stretches
+    # the selection score: 2 (frames 71 and 47 are one to three frames beside a clean stretch); PreFIQs alone: 1
+    assert shots["selection score (fused)"]["clean"] >= 2 > shots[f"PreFIQs {FACENET_RECIPE}"]["clean"]
     r = res["sets"]["synthetic"]
     assert "ERS (built-in)" in r["methods"] and f"fusion PreFIQs {FACENET_RECIPE} + ERS (built-in)" in r["methods"]
     assert r["tracks"] == 6 and r["frames"] == 36 and (tmp_path / "tracks.png").is_file()
