@@ -348,7 +348,7 @@ def cmd_eval_templates(args) -> int:
     fr, recipe, cache, det, backend = _models(args)
     scorer, prepared = build_scorer(fr, recipe, threads=args.threads, cache=cache, backend=backend)
     ers = with_selection(scorer, prepared, det)
-    res = evaluate_templates(scorer, det, args.shared, ers, max_people=args.max_people)
+    res = evaluate_templates(scorer, det, args.shared, ers, max_people=args.max_people, p_degraded=args.degraded)
     sys.stdout.write(json.dumps(res, indent=2) + "\n")
     return 0
 
@@ -464,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("templates", help="track templates vs best single frame vs plain mean (LFW pseudo-tracks)")
     p.add_argument("--shared", type=Path, default=default_shared)
     p.add_argument("--max-people", type=int, default=None)
+    p.add_argument("--degraded", type=float, default=0.6,
+                   help="share of frames degraded (0: the photos as they are, so pose and expression vary, no more)")
     _common(p)
     p.set_defaults(func=cmd_eval_templates)
 

@@ -443,7 +443,8 @@ def evaluate_templates(scorer: Scorer, det_spec: DetectorSpec, shared: Path, ers
     next `frames` form a track, each frame degraded with probability `p_degraded` at a uniform random severity
     (`draws` independent draws). Genuine = a track's representation vs its enrolment, impostor = vs every other
     enrolment. Methods: the best frame by quality (the published best shot), the best frame by ERS, the plain
-    mean, and the quality- and ERS-weighted templates."""
+    mean, and the quality- and ERS-weighted templates. With `p_degraded` 0 the frames are the photos as they are
+    (one draw): what varies is pose, expression, lighting and age."""
     rng = np.random.default_rng(seed)
     groups = [g for g in lfw_groups(shared / "data/lfw/images", 2, frames + 1)[1::2] if len(g) >= 4][:max_people]
     faces = face_set(groups, make_detector(replace(det_spec, input_size=256)), scorer)
@@ -456,6 +457,7 @@ def evaluate_templates(scorer: Scorer, det_spec: DetectorSpec, shared: Path, ers
         pick |= {"best_frame_ers": lambda e, q: e[np.argmax(ers.scores(e))],
                  "template_ers": lambda e, q: template_of(e, q, "ers", ers)}
     sims: dict[str, list[np.ndarray]] = {k: [] for k in pick}
+    draws = draws if p_degraded > 0 else 1  # nothing random is left to draw again
     for _ in range(draws):
         tracks = [embed(scorer, [degrade(faces.crops[i], rng.uniform(0, 1) if rng.random() < p_degraded else 0.0,
                                          rng) for i in idx[1:]]) for idx in people]
