@@ -470,20 +470,20 @@ def synthetic_tracks(ev: Evaluator, people: Sequence[str], seed: int, frames: in
     return TrackSet(name, faces, tracks, utility, list(people), kinds)
 
 
+NATURAL_MIN_PHOTOS = 4  # an enrolment and a track of 3 or more frames
+
+
 def natural_tracks(ev: Evaluator, people: Sequence[str], frames: int = 10, name: str = "natural") -> TrackSet:
     """Per person with 4 or more photos: the first photo (clean) is the enrolment, the next `frames` photos are the
     track's frames, as they are. What varies between them is what varies between real sightings (pose,
     expression, lighting, age, camera), which the synthetic tracks do not model."""
-    people = [p for p in people if len(person_images(ev.lfw, p)) >= 4]
-
-    def frame_items() -> Iterator[Item]:
-        for p in people:
-            for im in person_images(ev.lfw, p)[1 : frames + 1]:
-                yield im.key, p, *ev.clean(im)
-
+    photos = {p: imgs for p in people if len(imgs := person_images(ev.lfw, p)) >= NATURAL_MIN_PHOTOS}
+    people = list(photos)
+    shown = {p: imgs[1 : frames + 1] for p, imgs in photos.items()}
+    items = ((im.key, p, *ev.clean(im)) for p in people for im in shown[p])
     enrol = enrolments(ev, people, 0, name)
-    counts = [min(len(person_images(ev.lfw, p)) - 1, frames) for p in people]
-    faces = ev.faces(frame_items(), f"{name} frames", sum(counts))
+    counts = [len(shown[p]) for p in people]
+    faces = ev.faces(items, f"{name} frames", sum(counts))
     ends = np.cumsum([0, *counts])
     tracks = [np.arange(a, b) for a, b in zip(ends[:-1], ends[1:], strict=True)]
     utility = np.concatenate([faces.other_emb()[t] @ enrol[i] for i, t in enumerate(tracks)])
@@ -781,7 +781,8 @@ def eval_tracks(out: Path, recipes: Sequence[str], lfw: Path = LFW, video: Path 
     people = sorted(np.random.default_rng(seed).permutation(people)[:synthetic].tolist())
     sets = [synthetic_tracks(ev, people, seed, frames)]
     if natural != 0:
-        many = sorted({x.person for pair in pairs for x in pair if len(person_images(ev.lfw, x.person)) >= 4})
+        many = sorted({x.person for pair in pairs for x in pair
+                       if len(person_images(ev.lfw, x.person)) >= NATURAL_MIN_PHOTOS})
         if natural is not None:
             many = sorted(np.random.default_rng(seed).permutation(many)[:natural].tolist())
         sets.append(natural_tracks(ev, many, frames))
